@@ -1,0 +1,224 @@
+"""PyTorch state_dict -> Flax parameter trees for every network of the port.
+
+The whole mapping is one rule: a torch key's dotted path becomes the Flax path
+with each numeric index glued to the name before it, and the leaf `weight`
+becomes whichever of `kernel` / `scale` / `embedding` the Flax module holds:
+
+    encoder.down.0.block.1.norm1.weight  ->  encoder/down_0/block_1/norm1/scale
+    input_blocks.4.1.qkv.weight          ->  input_blocks_4_1/qkv/kernel
+
+Kernels go from (O, I, *spatial) to (*spatial, I, O); a 1x1 conv that the port
+implements as a Dense loses its unit spatial axes. Every source key is used,
+or ignored for a stated reason; anything else is an error that names it.
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from segldm_jax.diffusion import schedule as schedule_lib
+from segldm_jax.models import build
+
+Params = dict[str, Any]
+
+# Top-level LatentDiffusion buffers that are derived from the config.
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2")
+# Training-only parts of a trained VQGAN (LPIPS, discriminator, KL logvar).
+_IGNORED_PREFIXES = {"loss.": "autoencoder training loss (LPIPS/discriminator)"}
+LDM_PREFIXES = {"unet": "model.diffusion_model.", "cond_stage": "cond_stage_model.",
+                "first_stage": "first_stage_model."}
+EMA_PREFIX = "model_ema."
+
+
+class ConversionError(ValueError):
+  """A tensor is missing, unexpected or has the wrong shape."""
+
+
+@dataclasses.dataclass
+class Report:
+  """What happened to every source key."""
+  used: list[str] = dataclasses.field(default_factory=list)
+  ignored: dict[str, str] = dataclasses.field(default_factory=dict)
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  def summary(self) -> str:
+    lines = [f"used {len(self.used)} tensors, ignored {len(self.ignored)}"]
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in self.ignored.items():
+      by_reason.setdefault(reason, []).append(key)
+    for reason, keys in sorted(by_reason.items()):
+      shown = ", ".join(keys[:6]) + (f", ... (+{len(keys) - 6})" if len(keys) > 6 else "")
+      lines.append(f"  ignored {len(keys)} ({reason}): {shown}")
+    lines += [f"  note: {n}" for n in self.notes]
+    return "\n".join(lines)
+
+
+def flax_path(torch_key: str) -> tuple[str, ...]:
+  """`a.b.0.c.1.weight` -> ('a', 'b_0', 'c_1', 'weight')."""
+  parts: list[str] = []
+  for p in torch_key.split("."):
+    if p.isdigit() and parts:
+      parts[-1] += f"_{p}"
+    else:
+      parts.append(p)
+  return tuple(parts)
+
+
+def _to_flax(value: np.ndarray, leaf: str, target: tuple[int, ...]) -> np.ndarray:
+  if leaf == "kernel" and value.ndim >= 2:
+    value = np.transpose(value, (*range(2, value.ndim), 1, 0))
+    if value.shape != target and value.shape[-2:] == target[-2:] and all(
+        s == 1 for s in value.shape[:-2]):
+      value = value.reshape(target)  # 1x1 conv / Conv1d -> Dense
+  return value
+
+
+def convert_tree(state_dict: Mapping[str, np.ndarray], target: Params, *,
+                 prefix: str = "", where: str = "",
+                 report: Report | None = None) -> Params:
+  """Fill a Flax param tree (of shapes or arrays) from `state_dict`.
+
+  Only keys starting with `prefix` are read. Returns float32 numpy arrays in
+  the target structure; the keys read are appended to `report.used`.
+  """
+  where = where or prefix.rstrip(".") or "checkpoint"
+  targets = {tuple(k.key for k in path): leaf for path, leaf in
+             jax.tree_util.tree_flatten_with_path(target)[0]}
+  out: dict[tuple[str, ...], np.ndarray] = {}
+  for key in state_dict:
+    if not key.startswith(prefix):
+      continue
+    *mod, leaf = flax_path(key[len(prefix):])
+    if leaf == "weight":
+      leaf = next((c for c in ("kernel", "scale", "embedding")
+                   if (*mod, c) in targets), "kernel")
+    path = (*mod, leaf)
+    if path not in targets:
+      raise ConversionError(f"{where}: unexpected tensor {key!r} "
+                            f"{tuple(state_dict[key].shape)}: the model built "
+                            "from the config has no such parameter")
+    shape = tuple(targets[path].shape)
+    value = _to_flax(np.asarray(state_dict[key]), path[-1], shape)
+    if value.shape != shape:
+      raise ConversionError(
+          f"{where}: tensor {key!r} has shape {tuple(state_dict[key].shape)}, "
+          f"but parameter {'/'.join(path)} needs {shape} (after layout change)")
+    out[path] = value.astype(np.float32)
+    if report is not None:
+      report.used.append(key)
+
+  missing = [p for p in targets if p not in out]
+  if missing:
+    raise ConversionError(f"{where}: missing tensor for parameter "
+                          f"{'/'.join(missing[0])} {tuple(targets[missing[0]].shape)}"
+                          f" ({len(missing)} missing in all)")
+  tree: Params = {}
+  for path, value in out.items():
+    node = tree
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value
+  return tree
+
+
+def ema_key(unet_key: str) -> str:
+  """LitEma names a shadow parameter by deleting every dot of its module path."""
+  return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
+
+
+def _ignore_rest(state_dict, report: Report, claimed: set[str]) -> None:
+  for key in state_dict:
+    if key in claimed or key in report.ignored:
+      continue
+    for p, reason in _IGNORED_PREFIXES.items():
+      if key.startswith(p) or key.startswith("first_stage_model." + p):
+        report.ignored[key] = reason
+        break
+    else:
+      raise ConversionError(f"unexpected tensor {key!r} "
+                            f"{tuple(np.shape(state_dict[key]))}: not part of "
+                            "any network of this model")
+
+
+def convert_module(module, state_dict: Mapping[str, np.ndarray],
+                   report: Report | None = None, prefix: str = "") -> Params:
+  """Standalone VQ / UNet / rescaler checkpoint -> Flax params."""
+  report = report if report is not None else Report()
+  params = convert_tree(state_dict, build.param_shapes(module), prefix=prefix,
+                        where=type(module).__name__, report=report)
+  _ignore_rest(state_dict, report, set(report.used))
+  return params
+
+
+def convert_ldm(ldm: build.LatentDiffusion, state_dict: Mapping[str, np.ndarray],
+                *, use_ema: bool = True, report: Report | None = None):
+  """LatentDiffusion checkpoint -> ({unet, cond_stage, first_stage}, ema, meta).
+
+  `ema` is {"unet": ...} (LitEma covers only the UNet) or None when the file
+  has no EMA weights; `meta` carries scale_factor and EMA bookkeeping.
+  With `use_ema`, params["unet"] is the EMA copy (what people sample with).
+  """
+  report = report if report is not None else Report()
+  params = {name: convert_tree(state_dict, build.param_shapes(getattr(ldm, name)),
+                               prefix=prefix, where=name, report=report)
+            for name, prefix in LDM_PREFIXES.items()}
+  claimed = set(report.used)
+  meta: dict[str, Any] = {"scale_factor": float(ldm.settings["scale_factor"])}
+
+  ema = None
+  if any(k.startswith(EMA_PREFIX) for k in state_dict):
+    # Read the shadow of each live UNet key under its mangled name, so the
+    # EMA goes through exactly the same mapping as the live weights.
+    unet_prefix = LDM_PREFIXES["unet"]
+    live = [k[len(unet_prefix):] for k in state_dict if k.startswith(unet_prefix)]
+    absent = [ema_key(k) for k in live if ema_key(k) not in state_dict]
+    if absent:
+      raise ConversionError(f"model_ema: missing tensor {absent[0]!r} (the EMA "
+                            f"of {unet_prefix}{live[0]}; {len(absent)} missing)")
+    shadow = {k: state_dict[ema_key(k)] for k in live}
+    ema = {"unet": convert_tree(shadow, build.param_shapes(ldm.unet),
+                                where="model_ema")}
+    claimed |= {ema_key(k) for k in live}
+    for k in ("model_ema.decay", "model_ema.num_updates"):
+      if k in state_dict:
+        meta[k.split(".")[1]] = np.asarray(state_dict[k]).item()
+        report.ignored[k] = "EMA bookkeeping (kept in meta)"
+  if "scale_factor" in state_dict:  # only written with scale_by_std
+    meta["scale_factor"] = float(np.asarray(state_dict["scale_factor"]))
+    report.ignored["scale_factor"] = "scale_factor buffer (overrides the config)"
+    report.notes.append(f"scale_factor = {meta['scale_factor']:.6g} from the checkpoint")
+
+  _check_schedule(ldm, state_dict, report)
+  _ignore_rest(state_dict, report, claimed)
+  if use_ema and ema is not None:
+    params["unet"], ema["unet"] = ema["unet"], params["unet"]
+    meta["unet_weights"] = "ema"
+  else:
+    meta["unet_weights"] = "live"
+  return params, ema, meta
+
+
+def _check_schedule(ldm, state_dict, report: Report) -> None:
+  """The 12 schedule buffers must be what the config's schedule computes."""
+  present = [k for k in SCHEDULE_BUFFERS if k in state_dict]
+  if not present:
+    return
+  s = ldm.settings
+  sched = schedule_lib.Schedule.create(
+      s["beta_schedule"], s["timesteps"], s["linear_start"], s["linear_end"],
+      s["cosine_s"], parameterization=s["parameterization"])
+  for k in present:
+    ours, theirs = np.asarray(getattr(sched, k)), np.asarray(state_dict[k])
+    if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=1e-5, atol=1e-7):
+      raise ConversionError(
+          f"schedule buffer {k!r} does not match the config's schedule "
+          f"({s['beta_schedule']}, {s['timesteps']} steps, "
+          f"{s['linear_start']}..{s['linear_end']}): check the config")
+    report.ignored[k] = "diffusion schedule buffer (recomputed, checked equal)"

@@ -1,0 +1,66 @@
+"""Small building blocks shared by the autoencoder and the UNet (NHWC).
+
+Module names inside the networks are chosen so that a Flax parameter path is the
+PyTorch state_dict key with each numeric index glued to the name before it
+(`encoder.down.0.block.1.norm1.weight` -> `encoder/down_0/block_1/norm1/scale`);
+`segldm_jax.convert` relies on that rule and nothing else.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def group_norm(x: jax.Array, epsilon: float, name: str) -> jax.Array:
+  """GroupNorm over 32 contiguous channel groups, computed in float32.
+
+  Called inside a compact method, so the norm's parameters live at `name`
+  directly. The reference normalises in float32 (`GroupNorm32`), so bf16
+  compute keeps exact statistics; the result returns in the input dtype.
+  """
+  y = nn.GroupNorm(num_groups=32, epsilon=epsilon, dtype=jnp.float32,
+                   use_fast_variance=False, name=name)(x.astype(jnp.float32))
+  return y.astype(x.dtype)
+
+
+def conv3x3(features: int, dtype: Dtype, name: str, stride: int = 1,
+            padding=((1, 1), (1, 1)), zero_init: bool = False) -> nn.Conv:
+  """3x3 convolution with explicit padding (never "SAME": the two Downsample
+  flavours pad differently). `zero_init` mirrors openaimodel's zero_module."""
+  kw = {"kernel_init": nn.initializers.zeros} if zero_init else {}
+  return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding,
+                 dtype=dtype, name=name, **kw)
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2: each pixel becomes a 2x2 block (exact, no resize)."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def avg_pool2(x: jax.Array) -> jax.Array:
+  """2x2 mean with stride 2; odd trailing rows/columns are dropped (floor)."""
+  b, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def spatial_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      num_heads: int) -> jax.Array:
+  """Softmax attention over all pixels, heads split from the channel axis.
+
+  q, k, v: (B, H, W, C) with channel = head * d + c (head-major, as both
+  reference attention blocks reassemble their output). Softmax runs in float32.
+  """
+  b, h, w, c = q.shape
+  d = c // num_heads
+  shape = (b, h * w, num_heads, d)
+  out = jax.nn.dot_product_attention(
+      q.reshape(shape), k.reshape(shape), v.reshape(shape),
+      scale=d ** -0.5, implementation="xla")
+  return out.reshape(b, h, w, c).astype(q.dtype)
