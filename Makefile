@@ -1,0 +1,24 @@
+# Two commands do all the set-up: `make demo` and `make test` each build the
+# virtual environment from the requirements on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/demo
+
+.PHONY: demo test clean-venv
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) train.py --config configs/seg_f4.py:demo --workdir $(WORKDIR)
+	$(PY) sample.py --workdir $(WORKDIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)
