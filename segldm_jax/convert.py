@@ -13,12 +13,15 @@ or ignored for a stated reason; anything else is an error that names it.
 """
 
 import dataclasses
-from typing import Any, Mapping
+import re
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from segldm_jax.diffusion import schedule as schedule_lib
+from segldm_jax import infer_config
+from segldm_jax import torch_io
 from segldm_jax.models import build
 
 Params = dict[str, Any]
@@ -157,13 +160,13 @@ def convert_module(module, state_dict: Mapping[str, np.ndarray],
   return params
 
 
-def convert_ldm(ldm: build.LatentDiffusion, state_dict: Mapping[str, np.ndarray],
-                *, use_ema: bool = True, report: Report | None = None):
+def convert_ldm(ldm, state_dict: Mapping[str, np.ndarray],
+                report: Report | None = None):
   """LatentDiffusion checkpoint -> ({unet, cond_stage, first_stage}, ema, meta).
 
-  `ema` is {"unet": ...} (LitEma covers only the UNet) or None when the file
-  has no EMA weights; `meta` carries scale_factor and EMA bookkeeping.
-  With `use_ema`, params["unet"] is the EMA copy (what people sample with).
+  `params` are the live weights; `ema` is {"unet": ...} (LitEma covers only
+  the UNet) or None when the file has none; `meta` carries scale_factor and
+  the EMA's decay and update count.
   """
   report = report if report is not None else Report()
   params = {name: convert_tree(state_dict, build.param_shapes(getattr(ldm, name)),
@@ -197,11 +200,6 @@ def convert_ldm(ldm: build.LatentDiffusion, state_dict: Mapping[str, np.ndarray]
 
   _check_schedule(ldm, state_dict, report)
   _ignore_rest(state_dict, report, claimed)
-  if use_ema and ema is not None:
-    params["unet"], ema["unet"] = ema["unet"], params["unet"]
-    meta["unet_weights"] = "ema"
-  else:
-    meta["unet_weights"] = "live"
   return params, ema, meta
 
 
@@ -222,3 +220,113 @@ def _check_schedule(ldm, state_dict, report: Report) -> None:
           f"({s['beta_schedule']}, {s['timesteps']} steps, "
           f"{s['linear_start']}..{s['linear_end']}): check the config")
     report.ignored[k] = "diffusion schedule buffer (recomputed, checked equal)"
+
+
+@dataclasses.dataclass
+class Converted:
+  """A PyTorch checkpoint turned into Flax: what it is and its parameters.
+
+  kind: "ldm" | "vq" | "unet" | "rescaler". For "ldm", `model` is a
+  `LatentDiffusion` and `params` holds unet / cond_stage / first_stage
+  (live weights); `ema` holds {"unet": ...} or None.
+  """
+  kind: str
+  node: dict
+  model: Any
+  params: Params
+  ema: Params | None
+  meta: dict
+  report: Report
+  inferred: bool
+
+
+def convert_checkpoint(path, config=None, *, use_ema: bool = True,
+                       **infer_kw) -> Converted:
+  """Read a torch checkpoint (no torch needed) and convert every network.
+
+  `config` is an LDM-style YAML path or config node; without it the
+  architecture is inferred from tensor shapes (`infer_kw` supplies what
+  shapes cannot tell, e.g. num_heads). `use_ema=False` drops EMA weights.
+  """
+  state_dict = torch_io.load_state_dict(path)
+  report = Report()
+  if config is None:
+    node, notes = infer_config.infer_model_config(state_dict, **infer_kw)
+    report.notes += notes
+  elif isinstance(config, Mapping):
+    node = dict(config)
+  else:
+    node = build.load_model_config(config)
+  model = build.build_model(node)
+  if isinstance(model, build.LatentDiffusion):
+    params, ema, meta = convert_ldm(model, state_dict, report)
+    if not use_ema and ema is not None:
+      report.notes.append("EMA weights present but not kept (--no-ema)")
+      ema = None
+    kind = "ldm"
+  else:
+    params, ema, meta = convert_module(model, state_dict, report), None, {}
+    kind = {build.VQModel: "vq", build.UNetModel: "unet",
+            build.SpatialRescaler: "rescaler"}[type(model)]
+  return Converted(kind, node, model, params, ema, meta, report,
+                   inferred=config is None)
+
+
+# Torch modules that the port holds as Dense, by their torch layout: Linear
+# (O, I); the UNet attention's Conv1d (O, I, 1); every other one is a 1x1
+# Conv2d (O, I, 1, 1).
+_LINEAR_MODULES = ("time_embed", "emb_layers")
+_CONV1D_MODULES = ("qkv", "proj_out")
+_LDM_PARTS = {"unet": "unet", "first_stage": "vq", "cond_stage": "rescaler"}
+
+
+def torch_key(path: Sequence[str]) -> str:
+  """Inverse of `flax_path` + leaf renaming.
+
+  ('encoder', 'down_0', 'block_1', 'norm1', 'scale') ->
+  'encoder.down.0.block.1.norm1.weight'.
+  """
+  parts: list[str] = []
+  for i, name in enumerate(path[:-1]):
+    m = re.fullmatch(r"(.+?)((?:_\d+)+)", name)
+    # taming's mid block really names its children block_1, attn_1, block_2.
+    if m and not (i and path[i - 1] == "mid"):
+      parts += [m.group(1), *m.group(2)[1:].split("_")]
+    else:
+      parts.append(name)
+  return ".".join(parts + ["bias" if path[-1] == "bias" else "weight"])
+
+
+def _to_torch(value: np.ndarray, path: Sequence[str], kind: str) -> np.ndarray:
+  if path[-1] != "kernel":
+    return value
+  if value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+  w = value.T
+  module = re.sub(r"(_\d+)+$", "", path[-2])
+  if module in _LINEAR_MODULES:
+    return w
+  if kind == "unet" and module in _CONV1D_MODULES:
+    return w[..., None]
+  return w[..., None, None]
+
+
+def to_torch_state_dict(params: Params, kind: str) -> dict[str, np.ndarray]:
+  """Flax params -> torch state_dict (names and layouts), the inverse mapping.
+
+  kind: "vq", "unet", "rescaler", or "ldm" for {"unet", "first_stage",
+  "cond_stage"} (live weights only: no model_ema.*, no schedule buffers).
+  Arrays are numpy views where the layout change allows it.
+  """
+  if kind == "ldm":
+    return {LDM_PREFIXES[part] + key: value
+            for part, sub in _LDM_PARTS.items()
+            for key, value in to_torch_state_dict(params[part], sub).items()}
+  if kind not in _LDM_PARTS.values():
+    raise ValueError(f"unknown kind {kind!r}; expected ldm, "
+                     f"{', '.join(_LDM_PARTS.values())}")
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = tuple(k.key for k in path)
+    out[torch_key(names)] = _to_torch(np.asarray(leaf), names, kind)
+  return out

@@ -1,0 +1,85 @@
+"""Convert a PyTorch latent-diffusion / taming checkpoint to segldm-jax, no torch.
+
+  python convert_torch_ckpt.py model.ckpt [--config config.yaml] [--out DIR]
+                               [--ema | --no-ema] [--num-heads N]
+
+A standalone VQ first stage (e.g. vq-f4/model.ckpt), UNet or SpatialRescaler
+becomes a model directory (model.yaml + params/); a full LatentDiffusion
+checkpoint becomes a workdir that sample.py samples from and train.py can
+fine-tune (config.json, first_stage/, checkpoints/STEP/). Without --config the
+architecture is inferred from tensor shapes and the inferred config is printed.
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+
+from segldm_jax import checkpoints
+from segldm_jax import convert
+from segldm_jax import infer_config
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("checkpoint", type=pathlib.Path, help=".ckpt/.pt/.pth file")
+  ap.add_argument("--config", type=pathlib.Path,
+                  help="LDM-style YAML (the config.yaml beside model.ckpt)")
+  ap.add_argument("--out", type=pathlib.Path,
+                  help="output directory (default: CHECKPOINT_STEM-jax beside it)")
+  ap.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                  help="keep the UNet's EMA weights when present (default)")
+  ap.add_argument("--num-heads", type=int, help="attention heads, when inferring")
+  ap.add_argument("--num-head-channels", type=int,
+                  help="attention head width, when inferring (wins over heads)")
+  ap.add_argument("--resolution", type=int, default=256,
+                  help="image size the VQ was configured for, when inferring")
+  args = ap.parse_args(argv)
+
+  out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-jax")
+  if out.exists() and any(out.iterdir()):
+    ap.error(f"--out {out} exists and is not empty; choose another directory")
+  start = time.perf_counter()
+  try:
+    conv = convert.convert_checkpoint(
+        args.checkpoint, args.config, use_ema=args.ema,
+        resolution=args.resolution, num_heads=args.num_heads,
+        num_head_channels=args.num_head_channels)
+  except (ValueError, OSError) as e:  # CheckpointError, ConversionError, ...
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+  if conv.inferred:
+    print("Inferred config (pass --config to use the real one):")
+    print(infer_config.format_config(conv.node))
+  report = conv.report.summary()
+  print(f"{args.checkpoint}: {conv.kind} checkpoint\n{report}")
+
+  if conv.kind == "ldm":
+    checkpoints.save_model_dir(out / checkpoints.FIRST_STAGE_DIR,
+                               conv.node["params"]["first_stage_config"],
+                               conv.params["first_stage"])
+    config = {"model": conv.node,
+              "first_stage": {"checkpoint": checkpoints.FIRST_STAGE_DIR},
+              "converted_from": str(args.checkpoint.absolute())}
+    step = int(conv.meta.get("global_step", 0))
+    checkpoints.save_converted_workdir(
+        out, config, step,
+        {k: conv.params[k] for k in ("unet", "cond_stage")}, conv.ema,
+        conv.meta)
+    (out / "report.txt").write_text(report + "\n")
+    print(f"wrote workdir {out} (step {step}, UNet weights: "
+          f"{'live + EMA' if conv.ema else 'live'}); sample with:\n"
+          f"  python sample.py --workdir {out}")
+  else:
+    checkpoints.save_model_dir(out, conv.node, conv.params, report)
+    print(f"wrote model directory {out}")
+    if conv.kind == "vq":
+      print(f"use it as the first stage: python train.py --config "
+            f"configs/seg_f4.py --config.first_stage.checkpoint={out}")
+  print(f"done in {time.perf_counter() - start:.1f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
