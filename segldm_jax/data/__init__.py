@@ -1,0 +1,26 @@
+"""Data: sources (folders, TFDS, synthetic), joint transforms, grain pipeline.
+
+Records are ``{"image": uint8 (H, W, 3), "labels": uint8 (H, W)}`` with class
+ids ``0..num_classes-1`` and ``IGNORE_ID`` for unlabeled pixels; labels become
+one-hot only on the device (``one_hot_labels``).
+"""
+from segldm_jax.data.base import (DataError, IGNORE_ID, MAX_CLASSES,
+                                  PairSource, check_num_classes, load_record)
+from segldm_jax.data.device import images_to_model_range, one_hot_labels
+from segldm_jax.data.folder import DecodePair, FolderSource
+from segldm_jax.data.labels import LabelSpec
+from segldm_jax.data.pipeline import make_dataset, make_source
+from segldm_jax.data.synthetic import SyntheticSource, class_colours
+from segldm_jax.data.tfds_source import TfdsSource
+from segldm_jax.data.transforms import (CenterCrop, RandomCrop,
+                                        RandomHorizontalFlip,
+                                        ResizeShorterSide)
+
+__all__ = [
+    "CenterCrop", "DataError", "DecodePair", "FolderSource", "IGNORE_ID",
+    "LabelSpec", "MAX_CLASSES", "PairSource", "RandomCrop",
+    "RandomHorizontalFlip", "ResizeShorterSide", "SyntheticSource",
+    "TfdsSource", "check_num_classes", "class_colours",
+    "images_to_model_range", "load_record", "make_dataset", "make_source",
+    "one_hot_labels",
+]

@@ -1,0 +1,169 @@
+"""Image/mask pairs from two folder trees.
+
+``image_dir/<rel>/<name>.<jpg|jpeg|png|webp|bmp>`` pairs with
+``mask_dir/<rel>/<name>.png``: pairing is by relative path without the
+extension (never by sorted position), through any depth of sub-folders.
+The source yields file paths; ``DecodePair`` (its ``decoder``) reads them
+inside the grain pipeline, i.e. in grain's worker processes. EXIF rotation is
+not applied: label maps are aligned with the stored pixels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from segldm_jax.data.base import DataError
+from segldm_jax.data.labels import LabelSpec
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MASK_EXTENSIONS = (".png",)
+_SHOWN = 5  # unpaired files listed in an error message
+_log = logging.getLogger(__name__)
+
+
+def scan_tree(root: str, extensions: tuple[str, ...],
+              what: str) -> dict[str, str]:
+  """Maps ``relative/path/stem`` -> file path for files under ``root``.
+
+  Hidden files and folders (leading dot) are skipped; extensions match
+  case-insensitively.
+  """
+  if not os.path.isdir(root):
+    raise DataError(f"{what} directory does not exist: {root}")
+  found: dict[str, str] = {}
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for name in sorted(filenames):
+      stem, ext = os.path.splitext(name)
+      if name.startswith(".") or ext.lower() not in extensions:
+        continue
+      path = os.path.join(dirpath, name)
+      key = os.path.relpath(os.path.join(dirpath, stem), root)
+      key = key.replace(os.sep, "/")
+      if key in found:
+        raise DataError(f"two {what} files share the name {key!r}: "
+                        f"{found[key]} and {path}")
+      found[key] = path
+  if not found:
+    raise DataError(f"no {what} files ({', '.join(extensions)}) found under "
+                    f"{root}")
+  return found
+
+
+def _listing(keys: list[str], files: dict[str, str]) -> str:
+  shown = ", ".join(files[k] for k in keys[:_SHOWN])
+  more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+  return f"{len(keys)} ({shown}{more})"
+
+
+def read_image(path: str) -> np.ndarray:
+  """RGB uint8 (H, W, 3); grey, palette and alpha images are converted."""
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert("RGB"))
+  except (OSError, SyntaxError, ValueError) as e:
+    raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def read_mask(path: str, spec: LabelSpec) -> np.ndarray:
+  """Canonical uint8 class ids (H, W) from a label PNG."""
+  try:
+    with Image.open(path) as mask:
+      mode = mask.mode
+      if spec.uses_palette:
+        values = spec.colours_to_values(np.asarray(mask.convert("RGB")), path)
+      elif mode in ("L", "P", "1"):  # "P": stored indices are the ids
+        values = np.asarray(mask).astype(np.uint8)
+      elif mode.startswith("I"):  # 16/32-bit label maps
+        values = np.asarray(mask).astype(np.int64)
+      else:
+        raise DataError(
+            f"{path}: mask has mode {mode}; expected a single-channel label "
+            f"map (L, P or 16-bit), or pass palette= to map RGB colours to ids")
+  except (OSError, SyntaxError) as e:
+    raise DataError(f"cannot read mask {path}: {e}") from e
+  return spec.to_ids(values, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePair(grain.transforms.Map):
+  """``{"image_path", "mask_path"}`` -> ``{"image", "labels"}`` (decoded)."""
+
+  spec: LabelSpec
+
+  def map(self, record: dict[str, str]) -> dict[str, np.ndarray]:
+    image = read_image(record["image_path"])
+    labels = read_mask(record["mask_path"], self.spec)
+    if image.shape[:2] != labels.shape:
+      raise DataError(
+          f"size mismatch: image {record['image_path']} is "
+          f"{image.shape[1]}x{image.shape[0]} but mask {record['mask_path']} "
+          f"is {labels.shape[1]}x{labels.shape[0]} (width x height)")
+    return {"image": image, "labels": labels}
+
+
+class FolderSource:
+  """Grain random-access source over paired image and mask folders.
+
+  Args:
+    image_dir: root of the images (nested sub-folders allowed).
+    mask_dir: root of the label PNGs, mirroring ``image_dir``'s layout.
+    num_classes: class count (<= 255).
+    ignore_label: stored value meaning "no class" (255 COCO-Stuff, 0 ADE20K,
+      None for sflckr); becomes ``IGNORE_ID``.
+    palette: path (see ``segldm_jax.data.labels``) for RGB colour masks.
+    remap: dict or JSON path, stored value -> class id.
+    skip_unpaired: log a warning and skip files without a partner instead
+      of raising.
+  """
+
+  def __init__(self, image_dir: str, mask_dir: str, *, num_classes: int,
+               ignore_label: int | None = None, palette: Any = None,
+               remap: Any = None, skip_unpaired: bool = False):
+    self.image_dir = os.fspath(image_dir)
+    self.mask_dir = os.fspath(mask_dir)
+    if os.path.abspath(self.image_dir) == os.path.abspath(self.mask_dir):
+      raise DataError(f"image_dir and mask_dir are the same folder: "
+                      f"{self.image_dir}")
+    self.spec = LabelSpec.create(num_classes, ignore_label=ignore_label,
+                                 palette=palette, remap=remap)
+    images = scan_tree(self.image_dir, IMAGE_EXTENSIONS, "image")
+    masks = scan_tree(self.mask_dir, MASK_EXTENSIONS, "mask")
+    no_mask = sorted(images.keys() - masks.keys())
+    no_image = sorted(masks.keys() - images.keys())
+    if no_mask or no_image:
+      message = (f"unpaired files (pairs match by relative path without "
+                 f"extension): images without a mask in {self.mask_dir}: "
+                 f"{_listing(no_mask, images)}; masks without an image in "
+                 f"{self.image_dir}: {_listing(no_image, masks)}")
+      if not skip_unpaired:
+        raise DataError(message + "; pass skip_unpaired=True to skip them")
+      _log.warning("skipping %s", message)
+    self.keys = sorted(images.keys() & masks.keys())
+    if not self.keys:
+      raise DataError(f"no image/mask pairs between {self.image_dir} and "
+                      f"{self.mask_dir}")
+    self._pairs = [(images[k], masks[k]) for k in self.keys]
+    self.decoder = DecodePair(self.spec)
+
+  @property
+  def num_classes(self) -> int:
+    return self.spec.num_classes
+
+  def __len__(self) -> int:
+    return len(self._pairs)
+
+  def __getitem__(self, index: int) -> dict[str, str]:
+    image_path, mask_path = self._pairs[index]
+    return {"image_path": image_path, "mask_path": mask_path}
+
+  def __repr__(self) -> str:
+    return (f"FolderSource(image_dir={self.image_dir!r}, mask_dir="
+            f"{self.mask_dir!r}, num_records={len(self)}, num_classes="
+            f"{self.num_classes})")

@@ -1,0 +1,179 @@
+"""The grain input pipeline for any source, and a source factory.
+
+Per process: ``source[shard_index::shard_count]`` -> (train: shuffle, repeat
+forever) -> decode -> resize shorter side -> (train: random crop + flip |
+eval: centre crop) -> batch -> (optional) worker processes. The returned
+``grain.IterDataset``'s iterators have ``get_state()`` / ``set_state()``
+(JSON-able dicts; orbax saves them with ``grain.checkpoint``), and a restored
+iterator continues at exactly the next batch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from absl import flags
+import grain
+import numpy as np
+
+from segldm_jax.data.base import DataError, PairSource
+from segldm_jax.data.folder import FolderSource
+from segldm_jax.data.synthetic import SyntheticSource
+from segldm_jax.data.tfds_source import TfdsSource
+from segldm_jax.data.transforms import (CenterCrop, RandomCrop,
+                                        RandomHorizontalFlip,
+                                        ResizeShorterSide)
+
+
+def _derived_seed(seed: int, shard_index: int, purpose: int) -> int:
+  """Independent 32-bit seeds per shard and per random step."""
+  return int(np.random.SeedSequence([seed, shard_index, purpose])
+             .generate_state(1)[0])
+
+
+def make_dataset(source: PairSource, *, image_size: int, batch_size: int,
+                 seed: int, train: bool = True,
+                 shard_index: int | None = None,
+                 shard_count: int | None = None, num_workers: int = 0,
+                 drop_remainder: bool = True,
+                 read_options: grain.ReadOptions | None = None,
+                 ) -> grain.IterDataset:
+  """Builds the batched grain pipeline of one process.
+
+  Args:
+    source: any pair source (``FolderSource``, ``TfdsSource``,
+      ``SyntheticSource``, ...); its ``decoder`` runs inside the pipeline.
+    image_size: output side S (records are resized and cropped to S x S).
+    batch_size: batch size of this process.
+    seed: pipeline seed (shuffle order, crops, flips).
+    train: True: shuffle each epoch, random crop + flip, repeat forever.
+      False: source order, centre crop, no flip, one epoch.
+    shard_index: this process's shard; default ``jax.process_index()``.
+    shard_count: number of shards; default ``jax.process_count()``.
+    num_workers: grain worker processes (0 = decode in this process's
+      threads). Changing it changes the batch order (still deterministic) and
+      invalidates saved iterator states.
+    drop_remainder: drop a last incomplete batch (matters for eval).
+    read_options: grain thread options; default 4 threads, a small buffer.
+
+  Returns:
+    A ``grain.IterDataset`` of ``{"image": uint8 (B, S, S, 3),
+    "labels": uint8 (B, S, S)}``.
+  """
+  if shard_index is None or shard_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in 0..{shard_count - 1}")
+  if batch_size < 1 or image_size < 1:
+    raise ValueError(f"batch_size and image_size must be >= 1, got "
+                     f"{batch_size}, {image_size}")
+  ds = grain.MapDataset.source(source)
+  # Strided shards: disjoint, together exactly the source, sizes differ by
+  # at most one record.
+  ds = ds[shard_index::shard_count]
+  if len(ds) == 0:
+    raise DataError(f"shard {shard_index}/{shard_count} of {source!r} is "
+                    f"empty: fewer records than shards")
+  if train:
+    # Shuffle before repeat: every epoch is a fresh permutation of the shard.
+    ds = ds.shuffle(seed=_derived_seed(seed, shard_index, 0)).repeat(None)
+  decoder = getattr(source, "decoder", None)
+  if decoder is not None:
+    ds = ds.map(decoder)
+  ds = ds.map(ResizeShorterSide(image_size))
+  if train:
+    ds = ds.random_map(RandomCrop(image_size),
+                       seed=_derived_seed(seed, shard_index, 1))
+    ds = ds.random_map(RandomHorizontalFlip(),
+                       seed=_derived_seed(seed, shard_index, 2))
+  else:
+    ds = ds.map(CenterCrop(image_size))
+  if read_options is None:
+    # grain's default (16 threads, 500 records ahead) holds too many decoded
+    # full-size images; a few batches ahead is enough.
+    read_options = grain.ReadOptions(
+        num_threads=4, prefetch_buffer_size=max(16, 2 * batch_size))
+  out = ds.to_iter_dataset(read_options).batch(
+      batch_size, drop_remainder=drop_remainder)
+  if num_workers > 0:
+    # grain reads absl flags when it starts workers; outside absl.app
+    # (pytest, notebooks) they are unparsed, so take their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    out = out.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=2))
+    # Workers hand batches over in shared memory that is freed when the
+    # array dies; plain copies cannot leak it (or fail at interpreter exit).
+    out = out.map(_copy_batch)
+  return out
+
+
+def _copy_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: np.array(v, copy=True) for k, v in batch.items()}
+
+
+def _field(config: Any, name: str, default: Any = None) -> Any:
+  """Reads a config field from a ConfigDict, dict or plain object."""
+  if isinstance(config, dict) or hasattr(config, "to_dict"):
+    value = config.get(name, default)
+  else:
+    value = getattr(config, name, default)
+  # "" = unset, as flag-style configs often spell it.
+  return None if isinstance(value, str) and not value else value
+
+
+def make_source(data_config: Any) -> PairSource:
+  """Builds the source a data config describes.
+
+  Fields (``ml_collections.ConfigDict``, dict or object; "" means unset):
+
+  * ``source``: "folder" | "tfds" | "synthetic".
+  * ``num_classes``: class count, 1..255 (all sources).
+  * ``ignore_label``: stored value that means "no class" (255 COCO-Stuff,
+    0 ADE20K, None sflckr) -> ``IGNORE_ID`` (folder, tfds).
+  * ``palette``: palette file for RGB colour masks (folder, tfds).
+  * ``remap``: dict or JSON path, stored value -> class id (folder, tfds).
+  * folder: ``image_dir``, ``mask_dir``, ``skip_unpaired`` (bool).
+  * tfds: ``tfds_name``, ``tfds_split`` (default "train"),
+    ``tfds_data_dir``, ``image_key`` (default "image"), ``mask_key``
+    (default "segmentation_mask").
+  * synthetic: ``num_records``, ``image_size`` (rendered side), ``seed``
+    (scene family, default 0).
+  """
+  kind = _field(data_config, "source")
+  num_classes = _field(data_config, "num_classes")
+  if num_classes is None:
+    raise ValueError("data config needs num_classes")
+  labels = dict(ignore_label=_field(data_config, "ignore_label"),
+                palette=_field(data_config, "palette"),
+                remap=_field(data_config, "remap"))
+  if kind == "folder":
+    image_dir, mask_dir = (_field(data_config, "image_dir"),
+                           _field(data_config, "mask_dir"))
+    if not image_dir or not mask_dir:
+      raise ValueError("source 'folder' needs image_dir and mask_dir")
+    return FolderSource(
+        image_dir, mask_dir, num_classes=num_classes,
+        skip_unpaired=bool(_field(data_config, "skip_unpaired", False)),
+        **labels)
+  if kind == "tfds":
+    name = _field(data_config, "tfds_name")
+    if not name:
+      raise ValueError("source 'tfds' needs tfds_name")
+    return TfdsSource(
+        name, _field(data_config, "tfds_split", "train") or "train",
+        num_classes=num_classes, data_dir=_field(data_config, "tfds_data_dir"),
+        image_key=_field(data_config, "image_key", "image") or "image",
+        mask_key=(_field(data_config, "mask_key", "segmentation_mask") or
+                  "segmentation_mask"),
+        **labels)
+  if kind == "synthetic":
+    num_records = _field(data_config, "num_records")
+    image_size = _field(data_config, "image_size")
+    if not num_records or not image_size:
+      raise ValueError("source 'synthetic' needs num_records and image_size")
+    return SyntheticSource(num_records, image_size, num_classes,
+                           seed=_field(data_config, "seed", 0) or 0)
+  raise ValueError(f"unknown data source {kind!r}; use 'folder', 'tfds' or "
+                   f"'synthetic'")
