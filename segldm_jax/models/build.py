@@ -11,6 +11,7 @@ import dataclasses
 import pathlib
 from typing import Any, Mapping
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -131,7 +132,7 @@ def build_ldm(params: Mapping[str, Any], **kw) -> LatentDiffusion:
       unet=build_model(sub["unet_config"], **kw),
       cond_stage=build_model(sub["cond_stage_config"], **kw),
       first_stage=build_model(sub["first_stage_config"], **kw),
-      settings=settings)
+      settings=flax.core.FrozenDict(settings))
   if not isinstance(ldm.unet, UNetModel) or not isinstance(
       ldm.first_stage, VQModel) or not isinstance(ldm.cond_stage, SpatialRescaler):
     raise ConfigError("LatentDiffusion: expected a UNetModel, a VQ first stage "

@@ -65,6 +65,14 @@ class LatentDiffusion:
     """One-hot mask at image resolution -> conditioning at latent resolution."""
     return self.cond_stage.apply({"params": cond_params}, mask)
 
+  def model_fn(self, unet_params: Params, c: jax.Array) -> jax.tree_util.Partial:
+    """`(x_t, t) -> model output` for the samplers, with params and the
+    conditioning as traced leaves (so a sampler compiles once per shape)."""
+    return jax.tree_util.Partial(self._denoise_given, unet_params, c)
+
+  def _denoise_given(self, unet_params, c, x_t, t):
+    return self.denoise(unet_params, x_t, t, c)
+
   def denoise(self, unet_params: Params, x_t: jax.Array, t: jax.Array,
               c: jax.Array, train: bool = False, rngs=None) -> jax.Array:
     """The model output (eps or x0) for noisy latents and conditioning."""

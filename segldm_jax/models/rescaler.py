@@ -51,3 +51,32 @@ class SpatialRescaler(nn.Module):
       x = nn.Dense(self.out_channels, use_bias=self.bias, dtype=self.dtype,
                    name="channel_mapper")(x)
     return x
+
+  def from_labels(self, labels: jax.Array, mask_stages: int = 0) -> jax.Array:
+    """Same as `self(one_hot(labels))`, without materialising the one-hot.
+
+    `mask_stages` extra 2x2 area averages stand for a dataset that delivers
+    masks at a lower resolution as class fractions (data.mask_size < image).
+
+    The halvings are linear and the 1x1 map is a per-pixel linear map, so they
+    commute: look up each label's kernel row, then halve. A 182-class one-hot
+    at 256x256 is 48 MB per image in float32; this reads 3 channels. Ids
+    >= in_channels (the ignore id) map to zeros, like an all-zero one-hot.
+    """
+    if self.out_channels is None:
+      x = jax.nn.one_hot(labels, self.in_channels, dtype=self.dtype)
+      for _ in range(mask_stages):
+        x = layers.avg_pool2(x)
+      return self(x)
+    mapper = self.variables["params"]["channel_mapper"]
+    table = jnp.concatenate(
+        [mapper["kernel"], jnp.zeros((1, self.out_channels), mapper["kernel"].dtype)])
+    x = table[jnp.minimum(labels.astype(jnp.int32), self.in_channels)]
+    x = x.astype(self.dtype)
+    for _ in range(mask_stages):
+      x = layers.avg_pool2(x)
+    for _ in range(self.n_stages):
+      x = _HALVE[self.method](x)
+    if self.bias:
+      x = x + mapper["bias"].astype(self.dtype)
+    return x
