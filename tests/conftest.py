@@ -3,6 +3,11 @@ import os
 import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# 8 host devices so sharding tests run on CPU; must be set before jax loads.
+_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _XLA_FLAGS:
+  os.environ["XLA_FLAGS"] = (_XLA_FLAGS
+                             + " --xla_force_host_platform_device_count=8")
 
 import pytest
 
