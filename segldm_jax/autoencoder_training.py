@@ -1,0 +1,271 @@
+"""Training the VQ first stage (`VQModel`) from scratch.
+
+The loss is taming's `VQLPIPSWithDiscriminator` with the perceptual and
+adversarial terms off: L1 reconstruction (+ optional MSE) plus
+`codebook_weight` times the quantiser's own loss (legacy weighting, computed
+by the model: commitment weight 1, codebook weight beta).
+
+Codebook collapse is handled by dead-code restarts: every code remembers how
+many steps ago it was last picked; codes unused for `dead_code_steps` steps
+are overwritten with random encoder outputs of the current batch. A fresh
+state marks every code as never used, so the first step also acts as a
+data-driven codebook initialisation (all codes the first batch does not
+pick start on encoder outputs instead of taming's near-zero init).
+
+`make_vq_train_step` returns a pure, un-jitted `step(state, images)`; the
+caller wraps it in `jax.jit` (with shardings / donation as it likes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from segldm_jax.data.device import images_to_model_range
+from segldm_jax.models.autoencoder import VQModel
+from segldm_jax.models.build import init_params
+
+Params = Any
+Metrics = dict[str, jax.Array]
+# Age given to codes that were never picked: restarted on the first step.
+_NEVER_USED = 2**30
+
+
+@flax.struct.dataclass
+class VQTrainState:
+  """Training state; every field is an array, so it shards and checkpoints.
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: the VQModel parameters.
+    opt_state: the optax state.
+    code_age: int32 (n_embed,), steps since each code was last picked.
+    rng: uint32 raw key data (`jax.random.key_data`) for the restarts.
+  """
+  step: jax.Array
+  params: Params
+  opt_state: Any
+  code_age: jax.Array
+  rng: jax.Array
+
+
+def create_vq_train_state(model: VQModel, optimizer: optax.GradientTransformation,
+                          rng: jax.Array, params: Params | None = None
+                          ) -> VQTrainState:
+  """Initial state; `rng` (a typed key) seeds init (unless `params` given)."""
+  init_key, restart_key = jax.random.split(rng)
+  if params is None:
+    params = init_params(model, init_key)
+  return VQTrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state=optimizer.init(params),
+      code_age=jnp.full((model.n_embed,), _NEVER_USED, jnp.int32),
+      rng=jax.random.key_data(restart_key))
+
+
+def codebook(params: Params) -> jax.Array:
+  """The (n_embed, embed_dim) codebook inside VQModel parameters."""
+  return params["quantize"]["embedding"]["embedding"]
+
+
+def _with_codebook(params: Params, book: jax.Array) -> Params:
+  params = flax.core.unfreeze(params) if isinstance(
+      params, flax.core.FrozenDict) else dict(params)
+  params["quantize"] = {"embedding": {"embedding": book}}
+  return params
+
+
+def _forward(module: VQModel, x: jax.Array, train: bool):
+  """`VQModel.__call__` that also returns the pre-quantisation latent."""
+  z = module.encode(x, train)
+  quant, qloss, indices = module.quantize(z)
+  x_rec = module.decoder(module.post_quant_conv(quant), train)
+  return x_rec, qloss, indices, z
+
+
+def _to_model_range(images: jax.Array) -> jax.Array:
+  if images.dtype == jnp.uint8:
+    return images_to_model_range(images)
+  return images.astype(jnp.float32)
+
+
+def _loss_and_aux(model: VQModel, params: Params, images: jax.Array, *,
+                  codebook_weight: float, mse_weight: float,
+                  rng: jax.Array | None):
+  x = _to_model_range(images)
+  train = rng is not None and model.dropout > 0
+  rngs = {"dropout": rng} if train else {}
+  x_rec, qloss, indices, z = model.apply(
+      {"params": params}, x, train, method=_forward, rngs=rngs)
+  x_rec = x_rec.astype(jnp.float32)
+  err = x_rec - x
+  rec_l1 = jnp.mean(jnp.abs(err))
+  rec_mse = jnp.mean(err ** 2)
+  qloss = qloss.astype(jnp.float32)
+  loss = rec_l1 + mse_weight * rec_mse + codebook_weight * qloss
+  # PSNR of the image as it would be saved: clipped to the valid range.
+  clipped_mse = jnp.mean((jnp.clip(x_rec, -1.0, 1.0) - x) ** 2)
+  counts = jnp.bincount(indices.reshape(-1), length=model.n_embed)
+  probs = counts / indices.size
+  entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0))
+  metrics = {
+      "loss": loss, "rec_l1": rec_l1, "rec_mse": rec_mse, "codebook": qloss,
+      # Range [-1, 1] has peak-to-peak 2, hence 4 / mse.
+      "psnr": 10.0 * jnp.log10(4.0 / jnp.maximum(clipped_mse, 1e-10)),
+      "perplexity": jnp.exp(entropy),
+      "codes_used": jnp.mean((counts > 0).astype(jnp.float32)),
+  }
+  return loss, (metrics, counts, z)
+
+
+def vq_loss(model: VQModel, params: Params, images: jax.Array, *,
+            codebook_weight: float = 1.0, mse_weight: float = 0.0,
+            rng: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+  """Reconstruction + codebook loss of a batch.
+
+  Args:
+    model: the VQModel.
+    params: its parameters.
+    images: NHWC, float in [-1, 1] or uint8 (converted as taming does).
+    codebook_weight: weight of the quantiser loss (taming's default 1.0).
+    mse_weight: weight of an extra MSE term (0 = L1 only, as taming).
+    rng: dropout key; None runs deterministically.
+
+  Returns:
+    (loss, metrics) with scalar metrics `loss`, `rec_l1`, `rec_mse`,
+    `codebook`, `psnr` (dB, clipped reconstruction), `perplexity` (of the code
+    histogram) and `codes_used` (fraction of the codebook picked in the batch).
+  """
+  loss, (metrics, _, _) = _loss_and_aux(
+      model, params, images, codebook_weight=codebook_weight,
+      mse_weight=mse_weight, rng=rng)
+  return loss, metrics
+
+
+def revive_dead_codes(book: jax.Array, code_age: jax.Array, z: jax.Array,
+                       key: jax.Array, dead_code_steps: int
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Moves codes unused for `dead_code_steps` steps onto encoder outputs.
+
+  Args:
+    book: (n_embed, d) codebook.
+    code_age: (n_embed,) int32 ages, already updated for this batch.
+    z: pre-quantisation latents of the batch, (..., d).
+    key: typed key; the same key gives the same restart.
+    dead_code_steps: age at which a code counts as dead.
+
+  Returns:
+    (new codebook, new ages, number of codes restarted).
+  """
+  n = book.shape[0]
+  candidates = jax.lax.stop_gradient(z).reshape(-1, book.shape[-1])
+  m = candidates.shape[0]
+  if m >= n:
+    # Without replacement, so two revived codes never coincide.
+    pick = jax.random.permutation(key, m)[:n]
+  else:
+    pick = jax.random.randint(key, (n,), 0, m)
+  dead = code_age >= dead_code_steps
+  new_book = jnp.where(dead[:, None], candidates[pick].astype(book.dtype), book)
+  new_age = jnp.where(dead, 0, code_age)
+  return new_book, new_age, jnp.sum(dead.astype(jnp.int32))
+
+
+def make_vq_train_step(
+    model: VQModel, optimizer: optax.GradientTransformation, *,
+    codebook_weight: float = 1.0, mse_weight: float = 0.0,
+    restart_dead_codes: bool = True, dead_code_steps: int = 32,
+    use_dropout: bool = False,
+) -> Callable[[VQTrainState, jax.Array], tuple[VQTrainState, Metrics]]:
+  """Builds `step(state, images) -> (state, metrics)`; NOT jitted.
+
+  The step is a pure function of its arguments (randomness comes from
+  `fold_in(state.rng, state.step)`), so wrap it as
+  `jax.jit(step, donate_argnums=0)` or with shardings.
+
+  Args:
+    model: the VQModel.
+    optimizer: any optax transformation (see `vq_optimizer`).
+    codebook_weight: weight of the quantiser loss.
+    mse_weight: weight of an extra MSE reconstruction term.
+    restart_dead_codes: re-seed codes unused for `dead_code_steps` steps
+      from random encoder outputs of the batch.
+    dead_code_steps: steps without use after which a code is restarted.
+    use_dropout: apply the model's dropout (if any) during training.
+
+  Returns:
+    The step. Metrics are those of `vq_loss` for the batch (before the
+    update) plus `restarted`, the number of codes re-seeded.
+  """
+  if dead_code_steps < 1:
+    raise ValueError(f"dead_code_steps must be >= 1, got {dead_code_steps}")
+
+  def step(state: VQTrainState, images: jax.Array
+           ) -> tuple[VQTrainState, Metrics]:
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    restart_key, dropout_key = jax.random.split(key)
+    grad_fn = jax.value_and_grad(_loss_and_aux, argnums=1, has_aux=True)
+    (_, (metrics, counts, z)), grads = grad_fn(
+        model, state.params, images, codebook_weight=codebook_weight,
+        mse_weight=mse_weight, rng=dropout_key if use_dropout else None)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # Saturating add: never-used ages stay far from int32 overflow.
+    age = jnp.where(counts > 0, 0, jnp.minimum(state.code_age + 1, _NEVER_USED))
+    restarted = jnp.zeros((), jnp.int32)
+    if restart_dead_codes:
+      book, age, restarted = revive_dead_codes(
+          codebook(params), age, z, restart_key, dead_code_steps)
+      params = _with_codebook(params, book)
+    metrics = dict(metrics, restarted=restarted)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state, code_age=age)
+    return new_state, metrics
+
+  return step
+
+
+def vq_optimizer(learning_rate: float | optax.Schedule, *,
+                 weight_decay: float = 0.0, b1: float = 0.5, b2: float = 0.9,
+                 clip_norm: float | None = 1.0
+                 ) -> optax.GradientTransformation:
+  """AdamW with taming's betas (0.5, 0.9); no weight decay on the codebook,
+  norms or biases (decay would pull codes towards the origin)."""
+  def decay_mask(params):
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    return flax.traverse_util.unflatten_dict(
+        {k: k[-1] == "kernel" for k in flat})
+
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+  parts.append(optax.adamw(learning_rate, b1=b1, b2=b2,
+                           weight_decay=weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def default_demo_vq_config() -> dict:
+  """The demo's VQ-f4 first stage (64x64 RGB -> 16x16x3), as an LDM node."""
+  return {
+      "target": "ldm.models.autoencoder.VQModelInterface",
+      "params": {
+          "embed_dim": 3,
+          "n_embed": 512,
+          "ddconfig": {
+              "double_z": False, "z_channels": 3, "resolution": 64,
+              "in_channels": 3, "out_ch": 3, "ch": 32, "ch_mult": [1, 2, 2],
+              "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+          },
+          "lossconfig": {"target": "torch.nn.Identity"},
+      },
+  }
+
+
+def default_demo_vq_train_settings() -> dict:
+  """Training hyper-parameters measured with `benchmarks/demo_vq.py`."""
+  return {"batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 50,
+          "codebook_weight": 1.0, "mse_weight": 0.0,
+          "restart_dead_codes": True, "dead_code_steps": 32}

@@ -1,0 +1,165 @@
+"""Train state, optimiser, EMA and the LDM train step (one pure function).
+
+The step does what `LatentDiffusion.training_step` does: encode the image
+with the frozen first stage (not quantised), condition on the mask through the
+trainable rescaler, noise at a uniform t, predict, l1/l2 loss; then AdamW on
+UNet + rescaler and LitEma's warm-up EMA of the UNet only. The caller jits it
+with shardings (train.py); nothing here knows about devices.
+"""
+
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from segldm_jax.data import device as data_device
+from segldm_jax.diffusion import objective
+from segldm_jax.models.ldm import LatentDiffusion
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data iterator and the seed.
+
+  params: {"unet", "cond_stage"} (trained); ema: {"unet"} (the rescaler has no
+  EMA, as in the reference); ema_updates: LitEma's num_updates (warm-up);
+  skipped: steps whose update was dropped for a non-finite loss or gradient.
+  """
+  step: jax.Array
+  params: Params
+  ema: Params
+  opt_state: Any
+  ema_updates: jax.Array
+  skipped: jax.Array
+
+
+def learning_rate(train_cfg: Mapping[str, Any]) -> float:
+  """The reference's `--scale_lr`: base_lr x (images per optimiser update)."""
+  lr = float(train_cfg["base_learning_rate"])
+  if train_cfg.get("scale_lr", True):
+    lr *= int(train_cfg["batch_size"])
+  return lr
+
+
+def make_optimizer(train_cfg: Mapping[str, Any]) -> optax.GradientTransformation:
+  """AdamW with torch's defaults and the LDM's weight decay 0.01 on every
+  parameter (the reference passes a plain parameter list)."""
+  parts = []
+  if train_cfg.get("grad_clip_norm"):
+    parts.append(optax.clip_by_global_norm(float(train_cfg["grad_clip_norm"])))
+  parts.append(optax.adamw(learning_rate(train_cfg),
+                           b1=train_cfg.get("adam_b1", 0.9),
+                           b2=train_cfg.get("adam_b2", 0.999),
+                           eps=train_cfg.get("adam_eps", 1e-8),
+                           weight_decay=train_cfg.get("weight_decay", 0.01)))
+  return optax.chain(*parts)
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation,
+               ema_updates: int = 0) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema={"unet": params["unet"]},
+                    opt_state=optimizer.init(params),
+                    ema_updates=jnp.asarray(ema_updates, jnp.int32),
+                    skipped=jnp.zeros((), jnp.int32))
+
+
+def ema_decay(updates: jax.Array, max_decay: float) -> jax.Array:
+  """LitEma: decay = min(max, (1 + n) / (10 + n)), n counted after increment."""
+  n = updates.astype(jnp.float32)
+  return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
+
+
+def _tree_all_finite(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformation,
+                    train_cfg: Mapping[str, Any], mask_stages: int = 0
+                    ) -> Callable:
+  """-> step(state, batch, first_stage_params, rng) -> (state, metrics).
+
+  batch: {"image": uint8 (B, H, W, 3), "labels": uint8 (B, H, W)}. With
+  `grad_accum` = k the batch is processed as k interleaved micro-batches
+  (rows i, i+k, ...) so each stays spread over all devices. `mask_stages`
+  area-halvings bring image-size labels to data.mask_size first.
+  """
+  schedule = ldm.schedule()
+  settings = ldm.settings
+  accum = int(train_cfg.get("grad_accum", 1))
+  max_decay = float(train_cfg.get("ema_decay", 0.9999))
+  compute_dtype = jnp.dtype(train_cfg.get("compute_dtype", "float32"))
+
+  def loss_fn(params, z, labels, key):
+    k_t, k_noise, k_drop = jax.random.split(key, 3)
+    c = ldm.cond_stage.apply({"params": params["cond_stage"]}, labels,
+                             mask_stages, method="from_labels")
+    t = jax.random.randint(k_t, (z.shape[0],), 0, schedule.num_timesteps)
+    noise = jax.random.normal(k_noise, z.shape, jnp.float32)
+    x_t = objective.q_sample(schedule, z, t, noise)
+    unet_params = jax.tree.map(lambda p: p.astype(compute_dtype), params["unet"])
+    out = ldm.denoise(unet_params, x_t.astype(compute_dtype), t,
+                      c.astype(compute_dtype), train=True,
+                      rngs={"dropout": k_drop})
+    loss, parts = objective.diffusion_loss(
+        schedule, out.astype(jnp.float32), z, t, noise,
+        loss_type=settings["loss_type"],
+        l_simple_weight=settings["l_simple_weight"],
+        original_elbo_weight=settings["original_elbo_weight"])
+    parts = {k: v for k, v in parts.items() if k != "loss_simple_per_sample"}
+    return loss, parts
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, batch, first_stage_params, rng):
+    key = jax.random.fold_in(rng, state.step)
+    image = data_device.images_to_model_range(batch["image"])
+    # The first stage is frozen: no gradient, and it trains nothing.
+    z = jax.lax.stop_gradient(ldm.encode(first_stage_params, image))
+    labels = batch["labels"]
+    if accum == 1:
+      (loss, parts), grads = grad_fn(state.params, z, labels, key)
+    else:
+      def micro(x):
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+      def body(carry, inp):
+        i, zi, li = inp
+        (l, p), g = grad_fn(state.params, zi, li, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (l, p, g)), None
+
+      zero = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), _zero_parts(),
+                                           state.params))
+      total, _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro(z),
+                                           micro(labels)))
+      loss, parts, grads = jax.tree.map(lambda x: x / accum, total)
+
+    finite = jnp.isfinite(loss) & _tree_all_finite(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    n = state.ema_updates + 1
+    decay = ema_decay(n, max_decay)
+    ema = {"unet": jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p),
+                                state.ema["unet"], params["unet"])}
+    new = state.replace(step=state.step + 1, params=params, ema=ema,
+                        opt_state=opt_state, ema_updates=n)
+    # A non-finite loss or gradient never reaches the parameters: keep the
+    # old state (the step counter still advances, so the data stays aligned).
+    kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
+    metrics = {**parts, "finite": finite, "grad_norm": optax.global_norm(grads),
+               "ema_decay": decay, "skipped": new.skipped}
+    return new, metrics
+
+  return step
+
+
+def _zero_parts():
+  return {"loss": jnp.zeros(()), "loss_simple": jnp.zeros(()),
+          "loss_vlb": jnp.zeros(())}

@@ -1,0 +1,44 @@
+"""Pictures people look at: colourised masks beside samples, as PNG grids."""
+
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+from segldm_jax import palette as palette_lib
+
+
+def grid(rows: list[np.ndarray], pad: int = 2, fill: int = 255) -> np.ndarray:
+  """Rows of (N, H, W, 3) uint8 images -> one (R*H', N*W', 3) picture."""
+  n = max(r.shape[0] for r in rows)
+  h, w = rows[0].shape[1:3]
+  out = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), fill,
+                np.uint8)
+  for i, row in enumerate(rows):
+    for j, img in enumerate(row):
+      y, x = pad + i * (h + pad), pad + j * (w + pad)
+      out[y:y + h, x:x + w] = img
+  return out
+
+
+def mask_sample_grid(labels: np.ndarray, samples: np.ndarray,
+                     num_classes: int) -> np.ndarray:
+  """Two rows: colourised masks (ignored pixels black) over their samples.
+
+  samples may be (N, H, W, 3) or (N, K, H, W, 3) for K samples per mask.
+  """
+  colours = palette_lib.palette(num_classes)
+  rows = [palette_lib.colorize(np.asarray(labels), colours)]
+  samples = np.asarray(samples)
+  if samples.ndim == 5:
+    rows += [samples[:, k] for k in range(samples.shape[1])]
+  else:
+    rows.append(samples)
+  return grid(rows)
+
+
+def save_png(image: np.ndarray, path: str | pathlib.Path) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(np.asarray(image, np.uint8)).save(path)
+  return path

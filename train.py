@@ -1,0 +1,238 @@
+r"""Train a segmentation-conditioned latent diffusion model.
+
+  python train.py --config configs/seg_f4.py[:VARIANT] --workdir DIR \
+      [--config.train.batch_size=16 ...]
+
+A run resumes from the newest checkpoint in DIR by default (model, optimiser,
+EMA, step and data iterator), so re-running the same command after a crash
+continues where it stopped and sees the same batches.
+"""
+
+import json
+import logging as pylogging
+import math
+import pathlib
+import signal
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+
+from segldm_jax import checkpoints
+from segldm_jax import first_stage as first_stage_lib
+from segldm_jax import metrics as metrics_lib
+from segldm_jax import parallel
+from segldm_jax import run_config
+from segldm_jax import sampling
+from segldm_jax import trainer
+from segldm_jax import viz
+from segldm_jax.data import pipeline
+from segldm_jax.models import build
+
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/seg_f4.py:demo", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+class _OnlyOurInfo(pylogging.Filter):
+  """Orbax logs every file it writes at INFO; keep its warnings only."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  del argv
+  logging.get_absl_handler().addFilter(_OnlyOurInfo())
+  config = FLAGS.config
+  workdir = pathlib.Path(FLAGS.workdir).absolute()
+
+  # ===================================================================== #
+  #                           Logging and workdir                         #
+  # ===================================================================== #
+  is_main = jax.process_index() == 0
+  try:
+    geometry = run_config.validate(config)
+  except run_config.ConfigError as e:
+    sys.exit(f"config error: {e}")
+  checkpoints.ensure_writable(workdir)
+  logging.info("workdir %s; %d process(es), %d device(s): %s", workdir,
+               jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+
+  # ===================================================================== #
+  #                                  Mesh                                 #
+  # ===================================================================== #
+  mesh = parallel.make_mesh(config.mesh)
+  batch_devices = math.prod(mesh.shape[a] for a in parallel.batch_axes(mesh))
+  try:
+    run_config.check_batch_fits_mesh(config, batch_devices, jax.process_count())
+  except run_config.ConfigError as e:
+    sys.exit(f"config error: {e}")
+  repl = parallel.replicated(mesh)
+  logging.info("mesh %s", dict(mesh.shape))
+
+  # ===================================================================== #
+  #                                 Input                                 #
+  # ===================================================================== #
+  source = pipeline.make_source(config.data)
+  local_batch = config.train.batch_size // jax.process_count()
+  dataset = pipeline.make_dataset(
+      source, image_size=geometry["image"], batch_size=local_batch,
+      seed=config.seed, train=True, num_workers=config.data.num_workers)
+  data_iter = iter(dataset)
+
+  # ===================================================================== #
+  #                                 Model                                 #
+  # ===================================================================== #
+  # The first stage is frozen: loaded from a model directory, or (demo)
+  # trained here first and kept in WORKDIR/first_stage for resumed runs.
+  fs_module, fs_params, fs_node = first_stage_lib.prepare(
+      config, workdir, mesh, source)
+  with config.unlocked():
+    config.model.params.first_stage_config = fs_node
+  geometry = run_config.geometry(config)
+  mask_stages = int(math.log2(geometry["image"] // geometry["mask"]))
+  ldm = build.build_model(config.model, dtype=jnp.float32)
+  if is_main:
+    run_config.save(config, workdir)
+  fs_params = jax.device_put(fs_params, repl)
+
+  # ===================================================================== #
+  #                                Sharding                               #
+  # ===================================================================== #
+  optimizer = trainer.make_optimizer(config.train)
+
+  def init_state(rng):
+    k_unet, k_cond = jax.random.split(rng)
+    params = {"unet": build.init_params(ldm.unet, k_unet),
+              "cond_stage": build.init_params(ldm.cond_stage, k_cond)}
+    return trainer.init_state(params, optimizer)
+
+  rng = jax.random.key(config.seed)
+  abstract_state = jax.eval_shape(init_state, rng)
+  state_shardings = parallel.shardings_from_rules(
+      abstract_state, mesh, config.sharding_rules)
+  logging.info("parameters:\n%s", parallel.describe(
+      state_shardings.params, abstract_state.params))
+
+  # ===================================================================== #
+  #                             Train step                                #
+  # ===================================================================== #
+  batch_sharding = parallel.batch_sharding(mesh)
+  step_fn = jax.jit(
+      trainer.make_train_step(ldm, optimizer, config.train, mask_stages),
+      in_shardings=(state_shardings, batch_sharding, repl, repl),
+      out_shardings=(state_shardings, repl),
+      donate_argnums=(0,))
+
+  # ===================================================================== #
+  #                              Checkpoints                              #
+  # ===================================================================== #
+  mgr = checkpoints.train_checkpoint_manager(workdir, config.train)
+  start_step = mgr.latest_step()
+  if start_step is None:
+    state = jax.jit(init_state, out_shardings=state_shardings)(
+        jax.random.fold_in(rng, -1 % 2**31))
+    start_step = 0
+  else:
+    logging.info("resuming from step %d", start_step)
+    state, data_iter = checkpoints.restore_train_state(
+        mgr, start_step, abstract_state, state_shardings, data_iter,
+        jax.jit(optimizer.init, out_shardings=state_shardings.opt_state))
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  writer.truncate_after(start_step)
+  preview_labels = first_stage_lib.preview_labels(source, config, geometry)
+  sample_key = jax.random.fold_in(rng, 2**30)
+
+  def save(step: int, force: bool = False) -> None:
+    checkpoints.save_train_state(mgr, step, state, data_iter, force=force)
+
+  def write_samples(step: int) -> None:
+    images = sampling.generate(
+        ldm, {"unet": state.ema["unet"], "cond_stage": state.params["cond_stage"]},
+        fs_params, jax.device_put(preview_labels, repl), sample_key,
+        sampler=config.sample.sampler, steps=config.sample.steps,
+        eta=config.sample.eta, mask_stages=mask_stages)
+    grid = viz.mask_sample_grid(preview_labels, np.asarray(images),
+                                config.data.num_classes)
+    if is_main:
+      viz.save_png(grid, workdir / "samples" / f"step_{step:07d}.png")
+      writer.write_images(step, {"samples": grid})
+
+  # ===================================================================== #
+  #                              Train loop                               #
+  # ===================================================================== #
+  stop = {"signal": None}
+
+  def on_signal(signum, frame):
+    del frame
+    stop["signal"] = signum
+
+  signal.signal(signal.SIGTERM, on_signal)
+  signal.signal(signal.SIGINT, on_signal)
+
+  lr = trainer.learning_rate(config.train)
+  total = config.train.steps
+  bar = tqdm.tqdm(total=total, initial=start_step, disable=not is_main,
+                  dynamic_ncols=True, desc="train")
+  t_last, n_last = time.perf_counter(), 0
+  step = start_step
+  while step < total and stop["signal"] is None:
+    batch = parallel.global_batch(next(data_iter), mesh)
+    state, metrics = step_fn(state, batch, fs_params, rng)
+    step += 1
+    bar.update(1)
+
+    if config.train.log_every and step % config.train.log_every == 0 or step == total:
+      m = jax.device_get(metrics)
+      elapsed = time.perf_counter() - t_last
+      ips = (step - start_step - n_last) * config.train.batch_size / elapsed
+      t_last, n_last = time.perf_counter(), step - start_step
+      record = {"loss": float(m["loss"]),
+                "loss_simple": float(m["loss_simple"]),
+                "loss_vlb": float(m["loss_vlb"]), "lr": lr,
+                "grad_norm": float(m["grad_norm"]),
+                "ema_decay": float(m["ema_decay"]),
+                "skipped_steps": int(m["skipped"]), "images_per_sec": ips}
+      writer.write_scalars(step, record)
+      bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{ips:.1f}")
+      if not bool(m["finite"]) and config.train.nonfinite == "stop":
+        bar.close()
+        writer.close()
+        mgr.wait_until_finished()
+        sys.exit(f"non-finite loss or gradient at step {step}: the update was "
+                 f"not applied and the last checkpoint ({mgr.latest_step()}) "
+                 "is intact; lower the learning rate or set "
+                 "--config.train.nonfinite=skip")
+    if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
+      save(step)
+    if config.train.sample_every and step % config.train.sample_every == 0:
+      write_samples(step)
+
+  bar.close()
+  if stop["signal"] is not None:
+    logging.warning("signal %d: saving step %d and exiting", stop["signal"], step)
+  save(step, force=True)
+  mgr.wait_until_finished()
+  if stop["signal"] is None and (not config.train.sample_every
+                                 or step % config.train.sample_every):
+    write_samples(step)
+  writer.close()
+  if is_main:
+    print(json.dumps({"workdir": str(workdir), "step": step,
+                      "checkpoint": mgr.latest_step()}))
+
+
+if __name__ == "__main__":
+  app.run(main)
