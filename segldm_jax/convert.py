@@ -13,6 +13,7 @@ or ignored for a stated reason; anything else is an error that names it.
 """
 
 import dataclasses
+import mmap
 import re
 from typing import Any, Mapping, Sequence
 
@@ -83,6 +84,37 @@ def _to_flax(value: np.ndarray, leaf: str, target: tuple[int, ...]) -> np.ndarra
   return value
 
 
+def _release_pages(array: np.ndarray) -> None:
+  """Lets the kernel take `array`'s pages out of this process's resident set.
+
+  torch_io returns views of a read-only memory map of the checkpoint. Once a
+  tensor is copied, its pages would stay resident until the map closes, so
+  the peak would be the converted weights plus every page of the file read.
+  MADV_DONTNEED on a read-only file map only unmaps them (they stay in the
+  page cache; reading the array again faults them back in, unchanged). A
+  no-op for arrays that are not views of an mmap.
+  """
+  base = array
+  while True:
+    if isinstance(base, np.ndarray) and base.base is not None:
+      base = base.base
+    elif isinstance(base, memoryview):
+      base = base.obj
+    else:
+      break
+  if (not isinstance(base, mmap.mmap) or array.size == 0
+      or not hasattr(mmap, "MADV_DONTNEED")):
+    return
+  try:
+    lo, hi = np.lib.array_utils.byte_bounds(array)
+    origin = np.frombuffer(base, np.uint8, count=1).ctypes.data
+    start = (lo - origin) // mmap.PAGESIZE * mmap.PAGESIZE
+    if 0 <= start < hi - origin <= len(base):
+      base.madvise(mmap.MADV_DONTNEED, start, hi - origin - start)
+  except (OSError, ValueError):  # closed map, or the OS refuses: harmless
+    pass
+
+
 def convert_tree(state_dict: Mapping[str, np.ndarray], target: Params, *,
                  prefix: str = "", where: str = "",
                  report: Report | None = None) -> Params:
@@ -108,20 +140,25 @@ def convert_tree(state_dict: Mapping[str, np.ndarray], target: Params, *,
                             f"{tuple(state_dict[key].shape)}: the model built "
                             "from the config has no such parameter")
     shape = tuple(targets[path].shape)
-    value = _to_flax(np.asarray(state_dict[key]), path[-1], shape)
+    source = np.asarray(state_dict[key])
+    value = _to_flax(source, path[-1], shape)
     if value.shape != shape:
       raise ConversionError(
           f"{where}: tensor {key!r} has shape {tuple(state_dict[key].shape)}, "
           f"but parameter {'/'.join(path)} needs {shape} (after layout change)")
-    out[path] = value.astype(np.float32)
+    # One C-ordered float32 copy (what jax and tensorstore want, so neither
+    # copies again); then the source's file pages can go.
+    out[path] = np.array(value, dtype=np.float32, order="C", copy=True)
+    _release_pages(source)
     if report is not None:
       report.used.append(key)
 
   missing = [p for p in targets if p not in out]
   if missing:
-    raise ConversionError(f"{where}: missing tensor for parameter "
-                          f"{'/'.join(missing[0])} {tuple(targets[missing[0]].shape)}"
-                          f" ({len(missing)} missing in all)")
+    raise ConversionError(
+        f"{where}: missing tensor {prefix + torch_key(missing[0])!r} for "
+        f"parameter {'/'.join(missing[0])} {tuple(targets[missing[0]].shape)}"
+        f" ({len(missing)} missing in all)")
   tree: Params = {}
   for path, value in out.items():
     node = tree
@@ -136,7 +173,10 @@ def ema_key(unet_key: str) -> str:
   return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
 
 
-def _ignore_rest(state_dict, report: Report, claimed: set[str]) -> None:
+def _ignore_rest(state_dict, report: Report, claimed: set[str],
+                 strict: bool = True) -> None:
+  """Marks the keys of _IGNORED_PREFIXES ignored; with `strict`, any other
+  key not in `claimed` is an error."""
   for key in state_dict:
     if key in claimed or key in report.ignored:
       continue
@@ -145,6 +185,8 @@ def _ignore_rest(state_dict, report: Report, claimed: set[str]) -> None:
         report.ignored[key] = reason
         break
     else:
+      if not strict:
+        continue
       raise ConversionError(f"unexpected tensor {key!r} "
                             f"{tuple(np.shape(state_dict[key]))}: not part of "
                             "any network of this model")
@@ -154,8 +196,13 @@ def convert_module(module, state_dict: Mapping[str, np.ndarray],
                    report: Report | None = None, prefix: str = "") -> Params:
   """Standalone VQ / UNet / rescaler checkpoint -> Flax params."""
   report = report if report is not None else Report()
-  params = convert_tree(state_dict, build.param_shapes(module), prefix=prefix,
-                        where=type(module).__name__, report=report)
+  # A trained VQGAN's file also holds its training loss (loss.*): set it
+  # aside first, or the prefix-less read below would call it unexpected.
+  _ignore_rest(state_dict, report, set(), strict=False)
+  params = convert_tree(
+      {k: v for k, v in state_dict.items() if k not in report.ignored},
+      build.param_shapes(module), prefix=prefix, where=type(module).__name__,
+      report=report)
   _ignore_rest(state_dict, report, set(report.used))
   return params
 
@@ -169,7 +216,11 @@ def convert_ldm(ldm, state_dict: Mapping[str, np.ndarray],
   the EMA's decay and update count.
   """
   report = report if report is not None else Report()
-  params = {name: convert_tree(state_dict, build.param_shapes(getattr(ldm, name)),
+  # The first stage's training loss (first_stage_model.loss.*) is no part of
+  # the first stage's network: set it aside before reading that prefix.
+  _ignore_rest(state_dict, report, set(), strict=False)
+  networks = {k: v for k, v in state_dict.items() if k not in report.ignored}
+  params = {name: convert_tree(networks, build.param_shapes(getattr(ldm, name)),
                                prefix=prefix, where=name, report=report)
             for name, prefix in LDM_PREFIXES.items()}
   claimed = set(report.used)
@@ -189,6 +240,7 @@ def convert_ldm(ldm, state_dict: Mapping[str, np.ndarray],
     ema = {"unet": convert_tree(shadow, build.param_shapes(ldm.unet),
                                 where="model_ema")}
     claimed |= {ema_key(k) for k in live}
+    report.used += [ema_key(k) for k in live]
     for k in ("model_ema.decay", "model_ema.num_updates"):
       if k in state_dict:
         meta[k.split(".")[1]] = np.asarray(state_dict[k]).item()
@@ -262,7 +314,26 @@ def convert_checkpoint(path, config=None, *, use_ema: bool = True,
     params, ema, meta = convert_ldm(model, state_dict, report)
     if not use_ema and ema is not None:
       report.notes.append("EMA weights present but not kept (--no-ema)")
+      shadow = {k for k in report.used if k.startswith(EMA_PREFIX)}
+      report.used = [k for k in report.used if k not in shadow]
+      report.ignored.update(dict.fromkeys(sorted(shadow),
+                                          "EMA weights (--no-ema)"))
       ema = None
+    # The CLI numbers the workdir's step by it (Lightning's global_step).
+    ckpt = torch_io.load_checkpoint(path)  # the pickle again; tensors stay lazy
+    step = ckpt.get("global_step") if isinstance(ckpt, Mapping) else None
+    if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+      meta["global_step"] = step
+    if not np.isclose(meta["scale_factor"], model.scale_factor, rtol=1e-6,
+                      atol=0):
+      # A scale_by_std buffer wins over the config, as in torch's
+      # load_state_dict; the node (the workdir's config.json) must say so,
+      # since sample.py builds the model from it.
+      report.notes.append(f"config's scale_factor {model.scale_factor:.6g} "
+                          "replaced by the checkpoint's")
+      node = {**node, "params": {**node["params"],
+                                 "scale_factor": meta["scale_factor"]}}
+      model = build.build_model(node)
     kind = "ldm"
   else:
     params, ema, meta = convert_module(model, state_dict, report), None, {}
