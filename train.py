@@ -225,9 +225,9 @@ def main(argv):
     logging.warning("signal %d: saving step %d and exiting", stop["signal"], step)
   save(step, force=True)
   mgr.wait_until_finished()
-  if stop["signal"] is None and (not config.train.sample_every
-                                 or step % config.train.sample_every):
-    write_samples(step)
+  if (stop["signal"] is None and config.train.sample_every
+      and step % config.train.sample_every):
+    write_samples(step)  # the final model's samples, unless just written
   writer.close()
   if is_main:
     print(json.dumps({"workdir": str(workdir), "step": step,

@@ -1,0 +1,193 @@
+"""train.py and sample.py as users run them: real processes, real files.
+
+All runs use the `tiny` variant (the reference recipe at reduced width) and
+share one XLA compilation cache, so only the first run pays for compiling.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segldm_jax import metrics
+
+ROOT = pathlib.Path(__file__).parents[1]
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+SFLCKR = pathlib.Path(__file__).parent / "data" / "sflckr"
+
+# Steps take ~50 ms here, so 60 of them leave time to kill a run between two
+# committed checkpoints.
+RUN = ("--config.train.steps=60", "--config.train.checkpoint_every=10")
+SYNTHETIC = ["--config.data.source=synthetic", "--config.data.num_records=32",
+             "--config.first_stage.allow_random_init=True",
+             "--config.train.batch_size=2", "--config.train.log_every=1",
+             "--config.train.sample_every=0"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  e = dict(os.environ)
+  e.update(JAX_PLATFORMS="cpu", XLA_FLAGS="",  # one device, as users run it
+           JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla")),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return e
+
+
+def _train(workdir, env, *extra, check=True, **kw):
+  cmd = [sys.executable, str(ROOT / "train.py"),
+         "--config", str(ROOT / "configs/seg_f4.py:tiny"),
+         "--workdir", str(workdir), *SYNTHETIC, *extra]
+  r = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                     timeout=600, **kw)
+  if check and r.returncode != 0:
+    raise AssertionError(f"train.py failed ({r.returncode}):\n{r.stderr[-3000:]}")
+  return r
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in
+          metrics.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")}
+
+
+def _steps(workdir):
+  ckpt = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, env):
+  wd = tmp_path_factory.mktemp("uninterrupted")
+  _train(wd, env, *RUN)
+  return wd
+
+
+def test_uninterrupted_run_leaves_everything(uninterrupted):
+  wd = uninterrupted
+  assert _steps(wd) == [40, 50, 60]  # keep_checkpoints=3
+  losses = _losses(wd)
+  assert sorted(losses) == list(range(1, 61))
+  assert all(np.isfinite(v) and 0.05 < v < 2.0 for v in losses.values())
+  events = metrics.read_events(wd / "tensorboard")
+  assert [e["step"] for e in events if e["scalars"]] == list(range(1, 61))
+  config = json.loads((wd / "config.json").read_text())
+  assert config["train"]["steps"] == 60
+  assert (wd / "first_stage" / "model.yaml").is_file()
+
+
+def test_sigkill_then_resume_gives_the_same_loss_curve(uninterrupted, tmp_path,
+                                                       env):
+  wd = tmp_path / "killed"
+  proc = subprocess.Popen(
+      [sys.executable, str(ROOT / "train.py"), "--config",
+       str(ROOT / "configs/seg_f4.py:tiny"), "--workdir", str(wd), *SYNTHETIC,
+       *RUN], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 600
+  # Kill once a checkpoint is committed and training has gone past it.
+  while time.time() < deadline and proc.poll() is None:
+    saved = _steps(wd) if (wd / "checkpoints").is_dir() else []
+    if saved and (wd / "metrics.jsonl").exists() and max(_losses(wd)) > saved[-1]:
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(_losses(wd))
+  assert 60 not in _steps(wd) and _steps(wd)[-1] < killed_at
+
+  _train(wd, env, *RUN)
+  want, got = _losses(uninterrupted), _losses(wd)
+  assert sorted(got) == list(range(1, 61))  # no step logged twice
+  np.testing.assert_allclose([got[s] for s in range(1, 61)],
+                             [want[s] for s in range(1, 61)], rtol=1e-5)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, env):
+  wd = tmp_path / "term"
+  proc = subprocess.Popen(
+      [sys.executable, str(ROOT / "train.py"), "--config",
+       str(ROOT / "configs/seg_f4.py:tiny"), "--workdir", str(wd), *SYNTHETIC,
+       "--config.train.steps=100000", "--config.train.checkpoint_every=1000"],
+      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if (wd / "metrics.jsonl").exists() and max(_losses(wd) or [0]) >= 3:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+  saved = _steps(wd)
+  assert len(saved) == 1 and saved[0] >= 3
+  assert saved[0] == max(_losses(wd))
+
+
+def test_reference_recipe_trains_on_sflckr_folders(tmp_path, env):
+  wd = tmp_path / "sflckr"
+  r = _train(wd, env, "--config.data.source=folder",
+             f"--config.data.image_dir={SFLCKR / 'images'}",
+             f"--config.data.mask_dir={SFLCKR / 'segmentations'}",
+             "--config.train.batch_size=1", "--config.train.steps=3",
+             "--config.train.checkpoint_every=3")
+  assert _steps(wd) == [3]
+  assert sorted(_losses(wd)) == [1, 2, 3]
+  config = json.loads((wd / "config.json").read_text())
+  rescaler = config["model"]["params"]["cond_stage_config"]["params"]
+  assert rescaler["in_channels"] == 182 and rescaler["n_stages"] == 2
+  assert "resuming" not in r.stderr
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, env):
+  wd = tmp_path / "nan"
+  r = _train(wd, env, "--config.train.steps=50", "--config.train.checkpoint_every=1",
+             "--config.train.base_learning_rate=1e12", check=False)
+  assert r.returncode != 0
+  assert "non-finite loss or gradient at step" in r.stderr
+  failed_at = int(r.stderr.split("non-finite loss or gradient at step ")[1].split(":")[0])
+  assert _steps(wd)[-1] == failed_at - 1  # the bad update was never saved
+  from segldm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from segldm_jax import run_config  # pylint: disable=g-import-not-at-top
+  from segldm_jax.models import build  # pylint: disable=g-import-not-at-top
+  ldm = build.build_model(run_config.load(wd).model)
+  params, _ = checkpoints.restore_params(wd, ldm, use_ema=False)
+  import jax  # pylint: disable=g-import-not-at-top
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_converted_ldm_workdir_samples(tmp_path, env):
+  out = tmp_path / "converted"
+  subprocess.run([sys.executable, str(ROOT / "convert_torch_ckpt.py"),
+                  str(FIXTURES / "ldm_tiny.ckpt"), "--config",
+                  str(FIXTURES / "ldm_tiny.yaml"), "--out", str(out)],
+                 env=env, check=True, capture_output=True)
+  masks = tmp_path / "masks"
+  masks.mkdir()
+  for i in range(3):  # 5 classes, like the fixture's rescaler
+    labels = (np.arange(32)[:, None] // (8 + i) + np.arange(32)[None] // 16) % 5
+    Image.fromarray(labels.astype(np.uint8)).save(masks / f"m{i}.png")
+
+  def sample(dest):
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), "--workdir", str(out),
+         "--masks", str(masks), "--num_samples", "2", "--steps", "4",
+         "--seed", "3", "--out", str(dest)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+  summary = sample(tmp_path / "a")
+  assert summary["samples"] == 6 and summary["ema"] is True
+  files = sorted(p.name for p in (tmp_path / "a").glob("m*_*.png"))
+  assert files == [f"m{i}_{k}.png" for i in range(3) for k in range(2)]
+  grid = np.asarray(Image.open(tmp_path / "a" / "grid.png"))
+  assert grid.shape == (3 * 34 + 2, 3 * 34 + 2, 3)
+  sample(tmp_path / "b")  # same seed, same images
+  for f in files:
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a" / f)),
+                                  np.asarray(Image.open(tmp_path / "b" / f)))
