@@ -154,7 +154,8 @@ def _demo(c):
                    {"model_channels": 64, "attention_resolutions": [4],
                     "num_res_blocks": 1, "channel_mult": [1, 2, 2],
                     "num_heads": 4},
-                   _vq_f4(32, 256, 64, num_res_blocks=1))
+                   _vq_f4(32, 512, 64, num_res_blocks=1, ch_mult=(1, 2, 2)))
+  c.first_stage.learning_rate = 2e-3
   c.train.steps = 3000
   c.train.batch_size = 8
   c.train.base_learning_rate = 2.5e-5  # x8 = 2e-4: tiny models train faster

@@ -227,7 +227,8 @@ def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_state,
     items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
   r = mgr.restore(step, args=ocp.args.Composite(**items))
   params = r["params"]
-  ema = r["ema_params"] if "ema_params" in items else {"unet": params["unet"]}
+  ema = r["ema_params"] if "ema_params" in items else {
+      "unet": jax.tree.map(jax.numpy.copy, params["unet"])}  # donated apart
   meta = r["meta"] or {}
   state = abstract_state.replace(
       step=jax.device_put(jax.numpy.asarray(step, "int32"), shardings.step),

@@ -62,7 +62,9 @@ def make_optimizer(train_cfg: Mapping[str, Any]) -> optax.GradientTransformation
 def init_state(params: Params, optimizer: optax.GradientTransformation,
                ema_updates: int = 0) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema={"unet": params["unet"]},
+                    # A copy: the step donates the state, and one buffer
+                    # cannot be donated twice.
+                    ema={"unet": jax.tree.map(jnp.copy, params["unet"])},
                     opt_state=optimizer.init(params),
                     ema_updates=jnp.asarray(ema_updates, jnp.int32),
                     skipped=jnp.zeros((), jnp.int32))
