@@ -97,17 +97,14 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
   max_decay = float(train_cfg.get("ema_decay", 0.9999))
   compute_dtype = jnp.dtype(train_cfg.get("compute_dtype", "float32"))
 
-  def loss_fn(params, z, labels, key):
-    k_t, k_noise, k_drop = jax.random.split(key, 3)
+  def loss_fn(params, z, labels, t, noise, dropout_key):
     c = ldm.cond_stage.apply({"params": params["cond_stage"]}, labels,
                              mask_stages, method="from_labels")
-    t = jax.random.randint(k_t, (z.shape[0],), 0, schedule.num_timesteps)
-    noise = jax.random.normal(k_noise, z.shape, jnp.float32)
     x_t = objective.q_sample(schedule, z, t, noise)
     unet_params = jax.tree.map(lambda p: p.astype(compute_dtype), params["unet"])
     out = ldm.denoise(unet_params, x_t.astype(compute_dtype), t,
                       c.astype(compute_dtype), train=True,
-                      rngs={"dropout": k_drop})
+                      rngs={"dropout": dropout_key})
     loss, parts = objective.diffusion_loss(
         schedule, out.astype(jnp.float32), z, t, noise,
         loss_type=settings["loss_type"],
@@ -119,27 +116,31 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch, first_stage_params, rng):
-    key = jax.random.fold_in(rng, state.step)
+    k_t, k_noise, k_drop = jax.random.split(jax.random.fold_in(rng, state.step), 3)
     image = data_device.images_to_model_range(batch["image"])
     # The first stage is frozen: no gradient, and it trains nothing.
     z = jax.lax.stop_gradient(ldm.encode(first_stage_params, image))
-    labels = batch["labels"]
+    # Noise and timesteps are drawn for the whole batch, so splitting it
+    # into micro-batches changes memory, not the update.
+    t = jax.random.randint(k_t, (z.shape[0],), 0, schedule.num_timesteps)
+    noise = jax.random.normal(k_noise, z.shape, jnp.float32)
+    inputs = (z, batch["labels"], t, noise)
     if accum == 1:
-      (loss, parts), grads = grad_fn(state.params, z, labels, key)
+      (loss, parts), grads = grad_fn(state.params, *inputs, k_drop)
     else:
-      def micro(x):
+      def micro(x):  # rows i, i+k, ...: each micro-batch spans all devices
         x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
         return jnp.swapaxes(x, 0, 1)
 
       def body(carry, inp):
-        i, zi, li = inp
-        (l, p), g = grad_fn(state.params, zi, li, jax.random.fold_in(key, i))
+        i, *xs = inp
+        (l, p), g = grad_fn(state.params, *xs, jax.random.fold_in(k_drop, i))
         return jax.tree.map(jnp.add, carry, (l, p, g)), None
 
       zero = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), _zero_parts(),
                                            state.params))
-      total, _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro(z),
-                                           micro(labels)))
+      total, _ = jax.lax.scan(
+          body, zero, (jnp.arange(accum), *(micro(x) for x in inputs)))
       loss, parts, grads = jax.tree.map(lambda x: x / accum, total)
 
     finite = jnp.isfinite(loss) & _tree_all_finite(grads)
