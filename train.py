@@ -40,6 +40,11 @@ from segldm_jax.models import build
 config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/seg_f4.py:demo", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists).")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for multi-process runs "
+                    "(or JAX_COORDINATOR_ADDRESS; SLURM/TPU pods are detected)")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -54,6 +59,8 @@ class _OnlyOurInfo(pylogging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
+  parallel.maybe_initialize_distributed(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   config = FLAGS.config
   workdir = pathlib.Path(FLAGS.workdir).absolute()
 
@@ -66,6 +73,8 @@ def main(argv):
   except run_config.ConfigError as e:
     sys.exit(f"config error: {e}")
   checkpoints.ensure_writable(workdir)
+  mgr = checkpoints.train_checkpoint_manager(workdir, config.train)
+  start_step = mgr.latest_step() or 0
   logging.info("workdir %s; %d process(es), %d device(s): %s", workdir,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
 
@@ -85,11 +94,13 @@ def main(argv):
   #                                 Input                                 #
   # ===================================================================== #
   source = pipeline.make_source(config.data)
-  local_batch = config.train.batch_size // jax.process_count()
-  dataset = pipeline.make_dataset(
-      source, image_size=geometry["image"], batch_size=local_batch,
-      seed=config.seed, train=True, num_workers=config.data.num_workers)
-  data_iter = iter(dataset)
+  # Batch k of the stream is a pure function of (seed, k): a resumed run
+  # starts at its step and sees what an uninterrupted run would have seen.
+  data_iter = iter(pipeline.make_dataset(
+      source, image_size=geometry["image"],
+      batch_size=config.train.batch_size // jax.process_count(),
+      seed=config.seed, train=True, num_workers=config.data.num_workers,
+      start_batch=start_step))
 
   # ===================================================================== #
   #                                 Model                                 #
@@ -138,16 +149,13 @@ def main(argv):
   # ===================================================================== #
   #                              Checkpoints                              #
   # ===================================================================== #
-  mgr = checkpoints.train_checkpoint_manager(workdir, config.train)
-  start_step = mgr.latest_step()
-  if start_step is None:
+  if start_step == 0:
     state = jax.jit(init_state, out_shardings=state_shardings)(
         jax.random.fold_in(rng, -1 % 2**31))
-    start_step = 0
   else:
     logging.info("resuming from step %d", start_step)
-    state, data_iter = checkpoints.restore_train_state(
-        mgr, start_step, abstract_state, state_shardings, data_iter,
+    state = checkpoints.restore_train_state(
+        mgr, start_step, abstract_state, state_shardings,
         jax.jit(optimizer.init, out_shardings=state_shardings.opt_state))
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
@@ -156,7 +164,7 @@ def main(argv):
   sample_key = jax.random.fold_in(rng, 2**30)
 
   def save(step: int, force: bool = False) -> None:
-    checkpoints.save_train_state(mgr, step, state, data_iter, force=force)
+    checkpoints.save_train_state(mgr, step, state, force=force)
 
   def write_samples(step: int) -> None:
     images = sampling.generate(

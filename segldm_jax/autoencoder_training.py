@@ -73,7 +73,8 @@ def codebook(params: Params) -> jax.Array:
   return params["quantize"]["embedding"]["embedding"]
 
 
-def _with_codebook(params: Params, book: jax.Array) -> Params:
+def with_codebook(params: Params, book: jax.Array) -> Params:
+  """A shallow copy of `params` with the codebook replaced by `book`."""
   params = flax.core.unfreeze(params) if isinstance(
       params, flax.core.FrozenDict) else dict(params)
   params["quantize"] = {"embedding": {"embedding": book}}
@@ -221,7 +222,7 @@ def make_vq_train_step(
     if restart_dead_codes:
       book, age, restarted = revive_dead_codes(
           codebook(params), age, z, restart_key, dead_code_steps)
-      params = _with_codebook(params, book)
+      params = with_codebook(params, book)
     metrics = dict(metrics, restarted=restarted)
     new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state, code_age=age)

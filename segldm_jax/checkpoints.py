@@ -12,7 +12,9 @@ A **workdir** holds a latent diffusion run (trained here or converted):
     WORKDIR/first_stage/       model directory of the frozen VQ
     WORKDIR/checkpoints/STEP/  orbax items: params {unet, cond_stage},
                                ema_params {unet}, meta (JSON), and, for
-                               training runs, opt_state and data_iter
+                               training runs, opt_state. The data position
+                               is not saved: it is the step (see
+                               data.pipeline.make_dataset's start_batch).
 """
 
 import json
@@ -37,15 +39,22 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 def save_model_dir(path: str | pathlib.Path, node: Mapping[str, Any],
                    params: Any, report: str | None = None) -> pathlib.Path:
-  """Writes config node + params; refuses to overwrite existing params."""
+  """Writes config node + params; refuses to overwrite existing params.
+
+  In a multi-process run every process calls it (orbax synchronises the
+  save); the small text files come from process 0.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
   path = pathlib.Path(path).absolute()
   path.mkdir(parents=True, exist_ok=True)
-  (path / MODEL_FILE).write_text(yaml.safe_dump({"model": _plain(node)},
-                                                sort_keys=False))
+  if jax.process_index() == 0:
+    (path / MODEL_FILE).write_text(yaml.safe_dump({"model": _plain(node)},
+                                                  sort_keys=False))
+    if report is not None:
+      (path / "report.txt").write_text(report + "\n")
   with ocp.Checkpointer(_lean_pytree_handler()) as checkpointer:
     checkpointer.save(path / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
-  if report is not None:
-    (path / "report.txt").write_text(report + "\n")
   return path
 
 
@@ -178,15 +187,13 @@ def train_checkpoint_manager(workdir: str | pathlib.Path, train_cfg
   return checkpoint_manager(workdir, options)
 
 
-def save_train_state(mgr: ocp.CheckpointManager, step: int, state, data_iter,
+def save_train_state(mgr: ocp.CheckpointManager, step: int, state,
                      force: bool = False) -> None:
-  """Saves state (as params / ema_params / opt_state / meta) + data iterator.
+  """Saves state as params / ema_params / opt_state / meta items.
 
   The split keeps converted workdirs and training workdirs one format:
   sample.py reads params and ema_params from either.
   """
-  import grain  # pylint: disable=g-import-not-at-top
-
   if step in mgr.all_steps():
     return
   mgr.save(step, force=force, args=ocp.args.Composite(
@@ -195,19 +202,18 @@ def save_train_state(mgr: ocp.CheckpointManager, step: int, state, data_iter,
       opt_state=ocp.args.StandardSave(state.opt_state),
       meta=ocp.args.JsonSave({"step": step,
                               "ema_updates": int(state.ema_updates),
-                              "skipped": int(state.skipped)}),
-      data_iter=grain.checkpoint.CheckpointSave(data_iter)))
+                              "skipped": int(state.skipped)})))
 
 
 def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_state,
-                        shardings, data_iter, init_opt_state):
-  """-> (state, data_iter) at `step`, arrays placed with `shardings`.
+                        shardings, init_opt_state):
+  """-> the train state at `step`, arrays placed with `shardings`.
 
-  A converted workdir has no optimiser state or iterator: those start fresh
+  Any mesh works: arrays are read straight into the given shardings. A
+  converted workdir has no optimiser state: it starts fresh
   (`init_opt_state(params)`, fine-tuning), while the weights and the EMA's
   update count carry over.
   """
-  import grain  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
   def target(tree, sh):
@@ -223,8 +229,6 @@ def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_state,
                               shardings.opt_state)):
     if (step_dir / name).is_dir():
       items[name] = ocp.args.StandardRestore(target(abstract, sh))
-  if (step_dir / "data_iter").is_dir():
-    items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
   r = mgr.restore(step, args=ocp.args.Composite(**items))
   params = r["params"]
   ema = r["ema_params"] if "ema_params" in items else {
@@ -239,4 +243,4 @@ def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_state,
       skipped=jax.device_put(jax.numpy.asarray(meta.get("skipped", 0), "int32"),
                              shardings.skipped))
   opt_state = r["opt_state"] if "opt_state" in items else init_opt_state(params)
-  return state.replace(opt_state=opt_state), data_iter
+  return state.replace(opt_state=opt_state)

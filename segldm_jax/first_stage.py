@@ -59,8 +59,8 @@ def prepare(config, workdir: pathlib.Path, mesh, source):
     module = build.build_model(node)
     params = build.init_params(module, jax.random.key(config.seed + 1))
     logging.warning("first stage: RANDOM weights (first_stage.allow_random_init)")
-    if jax.process_index() == 0:  # so sample.py and resumed runs see them
-      checkpoints.save_model_dir(own, node, jax.device_get(params))
+    # Saved, so sample.py and resumed runs see the same weights.
+    checkpoints.save_model_dir(own, node, jax.device_get(params))
   else:
     raise SystemExit("first_stage.checkpoint is empty; see configs/seg_f4.py")
   if not isinstance(module, build.VQModel):
@@ -93,8 +93,8 @@ def train(module, config, mesh, source, out: pathlib.Path, node: dict):
       bar.set_postfix(l1=f"{float(m['rec_l1']):.4f}",
                       psnr=f"{float(m['psnr']):.1f}")
   params = jax.device_get(state.params)
+  checkpoints.save_model_dir(out, node, params)
   if jax.process_index() == 0:
-    checkpoints.save_model_dir(out, node, params)
     images = next(data)["image"][:8]
     rec, _, _ = module.apply({"params": params}, (images / 127.5 - 1.0))
     rec = np.clip(np.round((np.asarray(rec) + 1) * 127.5), 0, 255).astype(np.uint8)

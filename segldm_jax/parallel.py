@@ -14,6 +14,7 @@ shardings through the unannotated model. Newer JAX defaults `jax.make_mesh` to
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any, Mapping, Sequence
 
@@ -280,3 +281,39 @@ def fmt_bytes(n: int) -> str:
     if n < 1024 or unit == "GiB":
       return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
     n /= 1024
+
+
+# Environment variables by which cluster launchers announce a multi-process
+# job; jax.distributed.initialize() reads the details itself for these.
+_CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+  """Joins a multi-process run when launched as one; True if it did.
+
+  Explicit arguments (train.py's flags) win, then JAX_COORDINATOR_ADDRESS /
+  JAX_NUM_PROCESSES / JAX_PROCESS_ID, then jax's own detection of SLURM,
+  Open MPI and TPU pods. A single process (none of these) does nothing. On
+  CPU, collectives go through gloo, so several processes on one machine (or
+  several machines without accelerators) also work.
+  """
+  env = os.environ
+  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+  num_processes = num_processes or int(env.get("JAX_NUM_PROCESSES", 0)) or None
+  if process_id is None and "JAX_PROCESS_ID" in env:
+    process_id = int(env["JAX_PROCESS_ID"])
+  explicit = coordinator_address is not None and num_processes is not None
+  launched = any(int(env.get(k, "1") or 1) > 1 if k.endswith(("NTASKS", "SIZE"))
+                 else k in env for k in _CLUSTER_ENV)
+  if not explicit and not launched:
+    return False
+  # Only affects the CPU backend (harmless on GPU/TPU hosts).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  else:
+    jax.distributed.initialize()
+  return True

@@ -443,26 +443,28 @@ class _IndexSource:
             "labels": np.zeros((4, 4), np.uint8)}
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_shards_are_disjoint_and_cover_the_dataset(train):
-  seen = []
-  for shard in range(2):
-    dataset = make_dataset(_IndexSource(), image_size=4, batch_size=1, seed=0,
-                           train=train, shard_index=shard, shard_count=2,
-                           drop_remainder=False)
-    iterator = iter(dataset)
-    shard_size = 6 - shard  # 11 records: 6 + 5
-    epochs = [[int(next(iterator)["image"][0, 0, 0, 0])
-               for _ in range(shard_size)] for _ in range(2 if train else 1)]
-    if train:  # each epoch is the whole shard, reshuffled
-      assert sorted(epochs[0]) == sorted(epochs[1])
-    else:
-      with pytest.raises(StopIteration):
-        next(iterator)
-    seen.append(set(epochs[0]))
-    assert len(epochs[0]) == len(seen[-1])
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(range(11))
+def _stream(shard, count, batch, n, train):
+  iterator = iter(make_dataset(_IndexSource(), image_size=4, batch_size=batch,
+                               seed=0, train=train, shard_index=shard,
+                               shard_count=count, drop_remainder=False))
+  return [next(iterator)["image"][:, 0, 0, 0].tolist() for _ in range(n)]
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+  # 2 processes x batch 3 == 1 process x batch 6, batch for batch, including
+  # the shuffle across epochs and the random crops/flips.
+  single = _stream(0, 1, 6, 6, train=True)
+  parts = [_stream(p, 2, 3, 6, train=True) for p in range(2)]
+  assert [a + b for a, b in zip(*parts)] == single
+  flat = sum(single, [])
+  assert sorted(flat[:11]) == list(range(11))  # the first epoch, whole
+  assert sorted(flat[11:22]) == list(range(11))  # the next, reshuffled
+  assert flat[:11] != flat[11:22]
+
+
+def test_eval_shards_are_disjoint_and_cover_the_dataset():
+  seen = [sum(_stream(p, 2, 1, 6 - p, train=False), []) for p in range(2)]
+  assert seen[0] == [0, 2, 4, 6, 8, 10] and seen[1] == [1, 3, 5, 7, 9]
 
 
 def test_default_shard_is_this_jax_process():

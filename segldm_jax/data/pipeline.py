@@ -1,8 +1,11 @@
 """The grain input pipeline for any source, and a source factory.
 
-Per process: ``source[shard_index::shard_count]`` -> (train: shuffle, repeat
-forever) -> decode -> resize shorter side -> (train: random crop + flip |
-eval: centre crop) -> batch -> (optional) worker processes. The returned
+The record stream is defined globally: (train: shuffle, repeat forever) ->
+decode -> resize shorter side -> (train: random crop + flip | eval: centre
+crop), every random choice keyed by the global record index. It is cut into
+blocks of the per-process batch size and process p takes blocks p, p+P, ...:
+the global batch (the processes' blocks in order) is the same whatever the
+number of processes, and each process decodes only its own records. The returned
 ``grain.IterDataset``'s iterators have ``get_state()`` / ``set_state()``
 (JSON-able dicts; orbax saves them with ``grain.checkpoint``), and a restored
 iterator continues at exactly the next batch.
@@ -36,6 +39,7 @@ def make_dataset(source: PairSource, *, image_size: int, batch_size: int,
                  shard_count: int | None = None, num_workers: int = 0,
                  drop_remainder: bool = True,
                  read_options: grain.ReadOptions | None = None,
+                 start_batch: int = 0,
                  ) -> grain.IterDataset:
   """Builds the batched grain pipeline of one process.
 
@@ -54,6 +58,10 @@ def make_dataset(source: PairSource, *, image_size: int, batch_size: int,
       invalidates saved iterator states.
     drop_remainder: drop a last incomplete batch (matters for eval).
     read_options: grain thread options; default 4 threads, a small buffer.
+    start_batch: global batches to skip (a resumed run passes its step):
+      the stream is a pure function of (seed, batch index), so this lands
+      on exactly the batch an uninterrupted run would see next, whatever
+      the process or worker count was before.
 
   Returns:
     A ``grain.IterDataset`` of ``{"image": uint8 (B, S, S, 3),
@@ -69,33 +77,30 @@ def make_dataset(source: PairSource, *, image_size: int, batch_size: int,
     raise ValueError(f"batch_size and image_size must be >= 1, got "
                      f"{batch_size}, {image_size}")
   ds = grain.MapDataset.source(source)
-  # Strided shards: disjoint, together exactly the source, sizes differ by
-  # at most one record.
-  ds = ds[shard_index::shard_count]
-  if len(ds) == 0:
-    raise DataError(f"shard {shard_index}/{shard_count} of {source!r} is "
-                    f"empty: fewer records than shards")
+  if len(ds) < shard_count and not train:
+    raise DataError(f"{source!r} has {len(ds)} records, fewer than the "
+                    f"{shard_count} processes")
   if train:
-    # Shuffle before repeat: every epoch is a fresh permutation of the shard.
-    ds = ds.shuffle(seed=_derived_seed(seed, shard_index, 0)).repeat(None)
+    # Shuffle before repeat: every epoch is a fresh permutation.
+    ds = ds.shuffle(seed=_derived_seed(seed, 0, 0)).repeat(None)
   decoder = getattr(source, "decoder", None)
   if decoder is not None:
     ds = ds.map(decoder)
   ds = ds.map(ResizeShorterSide(image_size))
   if train:
-    ds = ds.random_map(RandomCrop(image_size),
-                       seed=_derived_seed(seed, shard_index, 1))
-    ds = ds.random_map(RandomHorizontalFlip(),
-                       seed=_derived_seed(seed, shard_index, 2))
+    ds = ds.random_map(RandomCrop(image_size), seed=_derived_seed(seed, 0, 1))
+    ds = ds.random_map(RandomHorizontalFlip(), seed=_derived_seed(seed, 0, 2))
   else:
     ds = ds.map(CenterCrop(image_size))
+  # Lazy: slicing after batching decodes only this process's blocks.
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  ds = ds[start_batch * shard_count + shard_index::shard_count]
   if read_options is None:
     # grain's default (16 threads, 500 records ahead) holds too many decoded
     # full-size images; a few batches ahead is enough.
     read_options = grain.ReadOptions(
         num_threads=4, prefetch_buffer_size=max(16, 2 * batch_size))
-  out = ds.to_iter_dataset(read_options).batch(
-      batch_size, drop_remainder=drop_remainder)
+  out = ds.to_iter_dataset(read_options)
   if num_workers > 0:
     # grain reads absl flags when it starts workers; outside absl.app
     # (pytest, notebooks) they are unparsed, so take their defaults.
