@@ -134,8 +134,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.sample.num_masks = 8
 
   # --- mesh and sharding (big_vision style rule lists) ---------------------
-  c.mesh = [("data", -1), ("fsdp", 1)]
-  c.sharding_rules = [(".*", "replicate")]  # FSDP: [(".*", "fsdp")]
+  # Tuples, so that the command line can override them:
+  #   --config.mesh="(('data', 1), ('fsdp', -1))"
+  #   --config.sharding_rules="(('.*', 'fsdp'),)"   # FSDP instead of DP
+  c.mesh = (("data", -1), ("fsdp", 1))
+  c.sharding_rules = ((".*", "replicate"),)
 
   if variant == "demo":
     _demo(c)

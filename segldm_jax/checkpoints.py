@@ -143,8 +143,13 @@ def restore_params(workdir: str | pathlib.Path, ldm, step: int | None = None,
       raise CheckpointNotFoundError(
           f"{workdir}: no checkpoint under {CHECKPOINTS_DIR}/; train one with "
           "train.py or convert one with convert_torch_ckpt.py")
-    shapes = {"unet": build.param_shapes(ldm.unet),
-              "cond_stage": build.param_shapes(ldm.cond_stage)}
+    # Onto this process's first device, whatever mesh wrote the checkpoint.
+    import jax  # pylint: disable=g-import-not-at-top
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
+        {"unet": build.param_shapes(ldm.unet),
+         "cond_stage": build.param_shapes(ldm.cond_stage)})
     has_ema = (mgr.directory / str(step) / "ema_params").is_dir()
     items = {"params": ocp.args.StandardRestore(shapes)}
     if use_ema and has_ema:
