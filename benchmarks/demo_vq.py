@@ -9,7 +9,7 @@ segmenter (the ceiling for the LDM's mask adherence) and the latent std (what
 an LDM `scale_factor` would normalise). Writes a PNG grid: originals in the
 odd rows, reconstructions below them.
 
-Run: .venv/bin/python benchmarks/demo_vq.py --out /tmp/vq.png
+Run: .venv/bin/python benchmarks/demo_vq.py --out vq_demo.png
 """
 
 from __future__ import annotations
