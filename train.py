@@ -8,6 +8,8 @@ EMA, step and data iterator), so re-running the same command after a crash
 continues where it stopped and sees the same batches.
 """
 
+import functools
+import itertools
 import json
 import logging as pylogging
 import math
@@ -101,6 +103,7 @@ def main(argv):
       batch_size=config.train.batch_size // jax.process_count(),
       seed=config.seed, train=True, num_workers=config.data.num_workers,
       start_batch=start_step))
+  batches = (parallel.global_batch(b, mesh) for b in data_iter)
 
   # ===================================================================== #
   #                                 Model                                 #
@@ -166,12 +169,19 @@ def main(argv):
   def save(step: int, force: bool = False) -> None:
     checkpoints.save_train_state(mgr, step, state, force=force)
 
+  generate = jax.jit(functools.partial(
+      sampling.generate, ldm, sampler=config.sample.sampler,
+      steps=config.sample.steps, eta=config.sample.eta, mask_stages=mask_stages))
+  preview_labels_dev = jax.device_put(preview_labels, repl)
+
   def write_samples(step: int) -> None:
-    images = sampling.generate(
-        ldm, {"unet": state.ema["unet"], "cond_stage": state.params["cond_stage"]},
-        fs_params, jax.device_put(preview_labels, repl), sample_key,
-        sampler=config.sample.sampler, steps=config.sample.steps,
-        eta=config.sample.eta, mask_stages=mask_stages)
+    nonlocal generate
+    params = {"unet": state.ema["unet"], "cond_stage": state.params["cond_stage"]}
+    if not isinstance(generate, jax.stages.Compiled):
+      generate = parallel.compile_for_all(
+          generate, params, fs_params, preview_labels_dev, sample_key,
+          name=f"sampler_compiled_{step}")
+    images = generate(params, fs_params, preview_labels_dev, sample_key)
     grid = viz.mask_sample_grid(preview_labels, np.asarray(images),
                                 config.data.num_classes)
     if is_main:
@@ -196,8 +206,14 @@ def main(argv):
                   dynamic_ncols=True, desc="train")
   t_last, n_last = time.perf_counter(), 0
   step = start_step
+  if step < total:
+    # Several processes: compiled everywhere before the first step starts.
+    first_batch = next(batches)
+    step_fn = parallel.compile_for_all(step_fn, state, first_batch, fs_params,
+                                       rng, name="train_step_compiled")
+    batches = itertools.chain([first_batch], batches)
   while step < total and stop["signal"] is None:
-    batch = parallel.global_batch(next(data_iter), mesh)
+    batch = next(batches)
     state, metrics = step_fn(state, batch, fs_params, rng)
     step += 1
     bar.update(1)

@@ -87,6 +87,9 @@ def train(module, config, mesh, source, out: pathlib.Path, node: dict):
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   for i in bar:
     images = parallel.global_batch(next(data), mesh)["image"]
+    if i == 0:
+      step_fn = parallel.compile_for_all(step_fn, state, images,
+                                         name="vq_step_compiled")
     state, m = step_fn(state, images)
     if i % 25 == 0 or i == fs.train_steps - 1:
       m = jax.device_get(m)

@@ -18,7 +18,9 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
+from absl import flags as absl_flags
 import jax
+from jax._src import distributed as jax_distributed
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
@@ -316,4 +318,40 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   else:
     jax.distributed.initialize()
+  # Orbax's own barriers then go through the coordination service too,
+  # instead of through device collectives (see `barrier`).
+  try:
+    absl_flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+  except (AttributeError, absl_flags.Error):  # flags unparsed or renamed
+    pass
+  jax.devices()  # backend (and gloo transport) up in every process...
+  barrier("segldm_backend_ready")  # ...before anyone starts a collective
   return True
+
+
+def barrier(name: str, timeout_s: int = 900) -> None:
+  """Waits until every process reaches `name`; a no-op for one process.
+
+  Goes through the coordination service, which waits as long as asked. This
+  matters on CPU: gloo gives a process only 30 s to join a communicator it
+  has not used before, so a process still compiling (or importing, on a busy
+  machine) would fail the others' first collective.
+  """
+  if jax.process_count() == 1:
+    return
+  client = jax_distributed.global_state.client  # no public barrier API
+  client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
+def compile_for_all(jitted, *args, name: str, **kwargs):
+  """`jitted` compiled ahead of time, once every process has compiled it.
+
+  The first run of a program with cross-process collectives then starts in
+  step everywhere (see `barrier`). One process: `jitted` itself, compiled on
+  first call as usual.
+  """
+  if jax.process_count() == 1:
+    return jitted
+  compiled = jitted.lower(*args, **kwargs).compile()
+  barrier(name)
+  return compiled

@@ -61,9 +61,13 @@ def _launch(workdir, steps, processes, devices, cache, *extra):
   procs = [subprocess.Popen(c, env=_env(devices, cache), stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
            for c, log in zip(cmds, logs)]
-  for p, log in zip(procs, logs):
+  for p in procs:
     p.wait(timeout=900)
-    assert p.returncode == 0, log.read_text()[-3000:]
+  failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+  # Every process's log: the one that failed first is not always process 0.
+  assert not failed, "\n".join(
+      f"--- process {i} (exit {procs[i].returncode}):\n"
+      f"{logs[i].read_text()[-3000:]}" for i in range(len(procs)))
 
 
 def _params(workdir):
