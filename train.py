@@ -200,7 +200,7 @@ def main(argv):
   signal.signal(signal.SIGTERM, on_signal)
   signal.signal(signal.SIGINT, on_signal)
 
-  lr = trainer.learning_rate(config.train)
+  lr = trainer.lr_schedule(config.train)
   total = config.train.steps
   bar = tqdm.tqdm(total=total, initial=start_step, disable=not is_main,
                   dynamic_ncols=True, desc="train")
@@ -225,7 +225,7 @@ def main(argv):
       t_last, n_last = time.perf_counter(), step - start_step
       record = {"loss": float(m["loss"]),
                 "loss_simple": float(m["loss_simple"]),
-                "loss_vlb": float(m["loss_vlb"]), "lr": lr,
+                "loss_vlb": float(m["loss_vlb"]), "lr": float(lr(step - 1)),
                 "grad_norm": float(m["grad_norm"]),
                 "ema_decay": float(m["ema_decay"]),
                 "skipped_steps": int(m["skipped"]), "images_per_sec": ips}

@@ -9,6 +9,8 @@ segmenter (the ceiling for the LDM's mask adherence) and the latent std (what
 an LDM `scale_factor` would normalise). Writes a PNG grid: originals in the
 odd rows, reconstructions below them.
 
+Defaults are the demo config's (configs/seg_f4.py:demo).
+
 Run: .venv/bin/python benchmarks/demo_vq.py --out vq_demo.png
 """
 
@@ -29,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from configs import seg_f4  # noqa: E402
 from segldm_jax import autoencoder_training as vqt  # noqa: E402
 from segldm_jax.data.synthetic import SyntheticSource  # noqa: E402
 from segldm_jax.evaluate import mean_iou, segment_synthetic  # noqa: E402
@@ -38,15 +41,16 @@ EVAL_IMAGES = 64
 
 
 def _parse() -> argparse.Namespace:
-  settings = vqt.default_demo_vq_train_settings()
-  node = vqt.default_demo_vq_config()["params"]
+  demo = seg_f4.get_config("demo")
+  settings = demo.first_stage
+  node = demo.model.params.first_stage_config.params.to_dict()
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=settings["steps"])
+  p.add_argument("--steps", type=int, default=settings.train_steps)
   p.add_argument("--seconds", type=float, default=0.0,
                  help="stop early after this much training time (0 = off)")
-  p.add_argument("--batch", type=int, default=settings["batch_size"])
-  p.add_argument("--lr", type=float, default=settings["learning_rate"])
-  p.add_argument("--warmup", type=int, default=settings["warmup_steps"])
+  p.add_argument("--batch", type=int, default=settings.train_batch_size)
+  p.add_argument("--lr", type=float, default=settings.learning_rate)
+  p.add_argument("--warmup", type=int, default=settings.warmup_steps)
   p.add_argument("--constant-lr", action="store_true",
                  help="no cosine decay over --steps")
   p.add_argument("--ch", type=int, default=node["ddconfig"]["ch"])
@@ -55,33 +59,37 @@ def _parse() -> argparse.Namespace:
   p.add_argument("--num-res-blocks", type=int,
                  default=node["ddconfig"]["num_res_blocks"])
   p.add_argument("--n-embed", type=int, default=node["n_embed"])
-  p.add_argument("--norm-groups", type=int,
-                 default=node["ddconfig"].get("norm_groups", 32),
-                 help="GroupNorm groups, 0 = none (needs VQModel.norm_groups)")
-  p.add_argument("--mse-weight", type=float, default=settings["mse_weight"])
+  p.add_argument("--mse-weight", type=float, default=settings.mse_weight)
   p.add_argument("--codebook-weight", type=float,
-                 default=settings["codebook_weight"])
+                 default=1.0)
   p.add_argument("--dead-code-steps", type=int,
-                 default=settings["dead_code_steps"])
+                 default=32)
   p.add_argument("--no-restart", action="store_true")
   p.add_argument("--quantize-warmup", type=int,
-                 default=settings["quantize_warmup_steps"])
-  p.add_argument("--num-classes", type=int, default=182)
-  p.add_argument("--num-records", type=int, default=4096)
-  p.add_argument("--eval-classes", default="182,16",
+                 default=settings.quantize_warmup_steps)
+  p.add_argument("--num-classes", type=int, default=demo.data.num_classes)
+  p.add_argument("--num-records", type=int, default=demo.data.num_records)
+  p.add_argument("--eval-classes", default=f"{demo.data.num_classes},182",
                  help="class counts whose scenes the mIoU is measured on")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--b1", type=float, default=settings.adam_b1)
+  p.add_argument("--b2", type=float, default=settings.adam_b2)
+  p.add_argument("--crop", type=int, default=settings.train_crop,
+                 help="train on random crops of this size (0 = whole images)")
   p.add_argument("--out", default="")
   return p.parse_args()
 
 
-def _batches(source: SyntheticSource, batch: int, seed: int,
+def _batches(source: SyntheticSource, batch: int, seed: int, crop: int,
              stop: threading.Event, out: queue.Queue) -> None:
   """Renders random draws from the pool in a thread (~1.3 ms per scene)."""
   rng = np.random.default_rng(seed)
   while not stop.is_set():
     imgs = np.stack([source[int(i)]["image"]
                      for i in rng.integers(0, len(source), batch)])
+    if crop:
+      y, x = rng.integers(0, imgs.shape[1] - crop + 1, 2)
+      imgs = imgs[:, y:y + crop, x:x + crop]
     while not stop.is_set():
       try:
         out.put(imgs, timeout=0.1)
@@ -97,21 +105,18 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 def main() -> None:
   args = _parse()
-  node = vqt.default_demo_vq_config()
+  node = seg_f4.get_config("demo").model.params.first_stage_config.to_dict()
   node["params"]["n_embed"] = args.n_embed
   dd = node["params"]["ddconfig"]
   dd.update(ch=args.ch, ch_mult=[int(c) for c in args.ch_mult.split(",")],
             num_res_blocks=args.num_res_blocks)
-  if args.norm_groups != 32:
-    dd["norm_groups"] = args.norm_groups
-  elif "norm_groups" in dd:
-    del dd["norm_groups"]
   model = build_model(node)
   size = dd["resolution"]
 
   optimizer = vqt.vq_optimizer(
       args.lr, warmup_steps=args.warmup,
-      decay_steps=0 if args.constant_lr else args.steps)
+      decay_steps=0 if args.constant_lr else args.steps,
+      b1=args.b1, b2=args.b2)
   state = vqt.create_vq_train_state(model, optimizer,
                                     jax.random.key(args.seed))
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
@@ -125,7 +130,7 @@ def main() -> None:
                               seed=args.seed)
   stop, batches = threading.Event(), queue.Queue(maxsize=8)
   feeder = threading.Thread(target=_batches,
-                            args=(train_src, args.batch, args.seed, stop,
+                            args=(train_src, args.batch, args.seed, args.crop, stop,
                                   batches), daemon=True)
   feeder.start()
 

@@ -283,29 +283,3 @@ def vq_optimizer(learning_rate: float | optax.Schedule, *,
   parts.append(optax.adamw(learning_rate, b1=b1, b2=b2,
                            weight_decay=weight_decay, mask=decay_mask))
   return optax.chain(*parts)
-
-
-def default_demo_vq_config() -> dict:
-  """The demo's VQ-f4 first stage (64x64 RGB -> 16x16x3), as an LDM node."""
-  return {
-      "target": "ldm.models.autoencoder.VQModelInterface",
-      "params": {
-          "embed_dim": 3,
-          "n_embed": 512,
-          "ddconfig": {
-              "double_z": False, "z_channels": 3, "resolution": 64,
-              "in_channels": 3, "out_ch": 3, "ch": 32, "ch_mult": [1, 2, 2],
-              "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
-          },
-          "lossconfig": {"target": "torch.nn.Identity"},
-      },
-  }
-
-
-def default_demo_vq_train_settings() -> dict:
-  """Training hyper-parameters measured with `benchmarks/demo_vq.py`."""
-  return {"steps": 600, "batch_size": 8, "learning_rate": 2e-3,
-          "warmup_steps": 40,
-          "codebook_weight": 1.0, "mse_weight": 0.0,
-          "restart_dead_codes": True, "dead_code_steps": 32,
-          "quantize_warmup_steps": 100}

@@ -72,8 +72,13 @@ def train(module, config, mesh, source, out: pathlib.Path, node: dict):
   """Trains a VQ autoencoder on the run's images and saves it to `out`."""
   fs = config.first_stage
   batch = fs.train_batch_size
-  optimizer = ae.vq_optimizer(fs.learning_rate)
-  step_fn = ae.make_vq_train_step(module, optimizer)
+  optimizer = ae.vq_optimizer(fs.learning_rate, decay_steps=fs.train_steps,
+                              warmup_steps=fs.warmup_steps,
+                              b1=fs.adam_b1, b2=fs.adam_b2)
+  step_fn = ae.make_vq_train_step(
+      module, optimizer, mse_weight=fs.mse_weight,
+      quantize_warmup_steps=fs.quantize_warmup_steps)
+  crop_rng = np.random.default_rng([config.seed, 1])
   repl = parallel.replicated(mesh)
   state = jax.jit(lambda k: ae.create_vq_train_state(module, optimizer, k),
                   out_shardings=repl)(jax.random.key(config.seed + 1))
@@ -86,7 +91,11 @@ def train(module, config, mesh, source, out: pathlib.Path, node: dict):
   bar = tqdm.tqdm(range(fs.train_steps), desc="first stage (VQ)",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   for i in bar:
-    images = parallel.global_batch(next(data), mesh)["image"]
+    local = next(data)["image"]
+    if fs.train_crop:  # one window per step, the same in every process
+      y, x = crop_rng.integers(0, np.array(local.shape[1:3]) - fs.train_crop + 1)
+      local = local[:, y:y + fs.train_crop, x:x + fs.train_crop]
+    images = parallel.global_batch({"image": local}, mesh)["image"]
     if i == 0:
       step_fn = parallel.compile_for_all(step_fn, state, images,
                                          name="vq_step_compiled")

@@ -108,6 +108,9 @@ def validate(config: mlc.ConfigDict) -> dict[str, int]:
                       f"multiple of train.grad_accum={t.grad_accum}")
   if t.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite={t.nonfinite!r}; use 'stop' or 'skip'")
+  if t.get("lr_schedule", "constant") not in ("constant", "cosine"):
+    raise ConfigError(f"train.lr_schedule={t.lr_schedule!r}; use 'constant' "
+                      "or 'cosine'")
   if t.compute_dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"train.compute_dtype={t.compute_dtype!r}; use "
                       "'float32' or 'bfloat16'")

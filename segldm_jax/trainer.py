@@ -45,13 +45,33 @@ def learning_rate(train_cfg: Mapping[str, Any]) -> float:
   return lr
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_schedule(train_cfg: Mapping[str, Any]) -> optax.Schedule:
+  """`learning_rate` after `warmup_steps` of linear warm-up; then constant
+  (the reference) or, for short runs, cosine decay to 5% at `steps`."""
+  peak = learning_rate(train_cfg)
+  kind = train_cfg.get("lr_schedule", "constant")
+  warmup = int(train_cfg.get("warmup_steps", 0))
+  if kind not in LR_SCHEDULES:
+    raise ValueError(f"train.lr_schedule={kind!r}; choose one of {LR_SCHEDULES}")
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup, max(int(train_cfg["steps"]), warmup + 1), 0.05 * peak)
+  if warmup:
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                                 optax.constant_schedule(peak)], [warmup])
+  return optax.constant_schedule(peak)
+
+
 def make_optimizer(train_cfg: Mapping[str, Any]) -> optax.GradientTransformation:
   """AdamW with torch's defaults and the LDM's weight decay 0.01 on every
   parameter (the reference passes a plain parameter list)."""
   parts = []
   if train_cfg.get("grad_clip_norm"):
     parts.append(optax.clip_by_global_norm(float(train_cfg["grad_clip_norm"])))
-  parts.append(optax.adamw(learning_rate(train_cfg),
+  parts.append(optax.adamw(lr_schedule(train_cfg),
                            b1=train_cfg.get("adam_b1", 0.9),
                            b2=train_cfg.get("adam_b2", 0.999),
                            eps=train_cfg.get("adam_eps", 1e-8),

@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import seg_f4
 from segldm_jax import autoencoder_training as vqt
 from segldm_jax.data.synthetic import SyntheticSource
 from segldm_jax.models.build import build_model, init_params
@@ -183,7 +184,8 @@ def test_restarts_off_leaves_codebook_to_the_optimizer(model, params, images):
 
 
 def test_demo_config_builds_f4_with_3_channel_latents():
-  model = build_model(vqt.default_demo_vq_config())
+  demo = seg_f4.get_config("demo")
+  model = build_model(demo.model.params.first_stage_config.to_dict())
   assert model.downsample_factor == 4
   assert model.embed_dim == 3 and model.resolution == 64
   z = jax.eval_shape(lambda: model.init_with_output(

@@ -1,20 +1,14 @@
 """Config geometry: sizes that must agree fail at start with the fix named."""
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import seg_f4
 from segldm_jax import run_config
 from segldm_jax.models.rescaler import SpatialRescaler
 
-_SPEC = importlib.util.spec_from_file_location(
-    "seg_f4", pathlib.Path(__file__).parents[1] / "configs" / "seg_f4.py")
-seg_f4 = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(seg_f4)
 
 
 def _config(variant=None, **data):

@@ -12,11 +12,14 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from segldm_jax import checkpoints
 from segldm_jax import metrics
+from segldm_jax import viz
 
 ROOT = pathlib.Path(__file__).parents[1]
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -141,6 +144,34 @@ def test_reference_recipe_trains_on_sflckr_folders(tmp_path, env):
   rescaler = config["model"]["params"]["cond_stage_config"]["params"]
   assert rescaler["in_channels"] == 182 and rescaler["n_stages"] == 2
   assert "resuming" not in r.stderr
+
+
+def test_without_a_first_stage_it_trains_one_then_reuses_it(tmp_path, env):
+  """The demo path: a VQ trained first (on crops), kept for resumed runs."""
+  wd = tmp_path / "own_vq"
+  vq = ["--config.first_stage.allow_random_init=False",
+        "--config.first_stage.train_steps=3",
+        "--config.first_stage.train_crop=16",
+        "--config.first_stage.train_batch_size=2",
+        "--config.first_stage.quantize_warmup_steps=1",
+        "--config.train.checkpoint_every=2"]
+  _train(wd, env, *vq, "--config.train.steps=2")
+  fs = wd / checkpoints.FIRST_STAGE_DIR
+  _, params, node = checkpoints.load_model_dir(fs)
+  assert node["params"]["ddconfig"]["resolution"] == 32
+  # Originals over reconstructions of whole 32x32 images (it trained on 16).
+  two_rows = viz.grid([np.zeros((2, 32, 32, 3), np.uint8)] * 2)
+  assert (Image.open(fs / "reconstructions.png").size[::-1]
+          == two_rows.shape[:2])
+  saved = json.loads((wd / "config.json").read_text())
+  assert saved["model"]["params"]["first_stage_config"] == node
+  r = _train(wd, env, *vq, "--config.train.steps=4")
+  assert "trained earlier in this workdir" in r.stderr
+  assert "first stage (VQ)" not in r.stderr
+  _, again, _ = checkpoints.load_model_dir(fs)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+  assert _steps(wd) == [2, 4]
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, env):

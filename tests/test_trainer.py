@@ -60,6 +60,21 @@ def test_lr_scales_with_batch_and_adamw_decays_weights():
   assert trainer.learning_rate(dict(TRAIN, scale_lr=False)) == 1e-4
 
 
+def test_lr_schedules():
+  peak = 4e-4
+  const = trainer.lr_schedule(TRAIN)
+  assert [float(const(n)) for n in (0, 10**6)] == pytest.approx([peak, peak])
+  warm = trainer.lr_schedule(dict(TRAIN, warmup_steps=10))
+  assert [float(warm(n)) for n in (0, 5, 10, 500)] == pytest.approx(
+      [0.0, peak / 2, peak, peak])
+  cos = trainer.lr_schedule(dict(TRAIN, lr_schedule="cosine", steps=100))
+  # Half-way down a cosine from the peak to 5% of it, then held there.
+  assert [float(cos(n)) for n in (0, 50, 100, 200)] == pytest.approx(
+      [peak, 0.525 * peak, 0.05 * peak, 0.05 * peak])
+  with pytest.raises(ValueError, match="lr_schedule='linear'"):
+    trainer.lr_schedule(dict(TRAIN, lr_schedule="linear"))
+
+
 def test_ema_follows_litema_warmup():
   # n = 1 after the first update: decay = min(0.9999, 2 / 11).
   state, metrics = _run(accum=1, steps=2)

@@ -1,0 +1,1 @@
+"""Experiment configs: `get_config(arg)` -> ConfigDict (big_vision style)."""
