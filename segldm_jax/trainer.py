@@ -71,7 +71,11 @@ def make_optimizer(train_cfg: Mapping[str, Any]) -> optax.GradientTransformation
   parts = []
   if train_cfg.get("grad_clip_norm"):
     parts.append(optax.clip_by_global_norm(float(train_cfg["grad_clip_norm"])))
-  parts.append(optax.adamw(lr_schedule(train_cfg),
+  constant = (train_cfg.get("lr_schedule", "constant") == "constant"
+              and not train_cfg.get("warmup_steps", 0))
+  # A plain float keeps the optimiser state free of a schedule counter.
+  lr = learning_rate(train_cfg) if constant else lr_schedule(train_cfg)
+  parts.append(optax.adamw(lr,
                            b1=train_cfg.get("adam_b1", 0.9),
                            b2=train_cfg.get("adam_b2", 0.999),
                            eps=train_cfg.get("adam_eps", 1e-8),
