@@ -18,9 +18,12 @@ A **workdir** holds a latent diffusion run (trained here or converted):
 """
 
 import json
+import os
 import pathlib
 from typing import Any, Mapping
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
@@ -44,7 +47,6 @@ def save_model_dir(path: str | pathlib.Path, node: Mapping[str, Any],
   In a multi-process run every process calls it (orbax synchronises the
   save); the small text files come from process 0.
   """
-  import jax  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(path).absolute()
   path.mkdir(parents=True, exist_ok=True)
@@ -68,8 +70,6 @@ def _lean_pytree_handler() -> ocp.PyTreeCheckpointHandler:
   float weights only 5-8% smaller. Here the save waits, the arrays are
   written from where they are, and the files are uncompressed.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
   th = ocp.type_handlers
   registry = th.create_type_handler_registry(
@@ -170,7 +170,9 @@ def ensure_writable(workdir: pathlib.Path) -> None:
   """Fails at once (not hours later, at the first save) on a bad workdir."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write_probe"
+    # One name per process: hosts sharing the workdir must not unlink each
+    # other's probe.
+    probe = workdir / f".write_probe.{os.getpid()}.{jax.process_index()}"
     probe.write_bytes(b"\0" * 4096)
     probe.unlink()
   except OSError as e:
@@ -219,7 +221,6 @@ def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_state,
   (`init_opt_state(params)`, fine-tuning), while the weights and the EMA's
   update count carry over.
   """
-  import jax  # pylint: disable=g-import-not-at-top
 
   def target(tree, sh):
     return jax.tree.map(

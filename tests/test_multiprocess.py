@@ -67,7 +67,14 @@ def _launch(workdir, steps, processes, devices, cache, *extra):
   # Every process's log: the one that failed first is not always process 0.
   assert not failed, "\n".join(
       f"--- process {i} (exit {procs[i].returncode}):\n"
-      f"{logs[i].read_text()[-3000:]}" for i in range(len(procs)))
+      f"{_first_error(logs[i].read_text())}" for i in range(len(procs)))
+
+
+def _first_error(log):
+  """The first traceback (the cause), then the end (the abort it led to)."""
+  start = log.find("Traceback")
+  head = log[start:start + 3000] + "\n[...]\n" if start >= 0 else ""
+  return head + log[-2000:]
 
 
 def _params(workdir):
