@@ -104,6 +104,10 @@ def main(argv):
       seed=config.seed, train=True, num_workers=config.data.num_workers,
       start_batch=start_step))
   batches = (parallel.global_batch(b, mesh) for b in data_iter)
+  # Peeked: scale_by_std measures it, and every process compiles the step on
+  # it before the first collective.
+  first_batch = next(batches)
+  batches = itertools.chain([first_batch], batches)
 
   # ===================================================================== #
   #                                 Model                                 #
@@ -112,14 +116,17 @@ def main(argv):
   # trained here first and kept in WORKDIR/first_stage for resumed runs.
   fs_module, fs_params, fs_node = first_stage_lib.prepare(
       config, workdir, mesh, source)
+  fs_params = jax.device_put(fs_params, repl)
   with config.unlocked():
     config.model.params.first_stage_config = fs_node
+    if config.model.params.get("scale_by_std", False):
+      config.model.params.scale_factor = first_stage_lib.std_scale_factor(
+          fs_module, fs_params, first_batch["image"], workdir, start_step)
   geometry = run_config.geometry(config)
   mask_stages = int(math.log2(geometry["image"] // geometry["mask"]))
   ldm = build.build_model(config.model, dtype=jnp.float32)
   if is_main:
     run_config.save(config, workdir)
-  fs_params = jax.device_put(fs_params, repl)
 
   # ===================================================================== #
   #                                Sharding                               #
@@ -207,11 +214,8 @@ def main(argv):
   t_last, n_last = time.perf_counter(), 0
   step = start_step
   if step < total:
-    # Several processes: compiled everywhere before the first step starts.
-    first_batch = next(batches)
     step_fn = parallel.compile_for_all(step_fn, state, first_batch, fs_params,
                                        rng, name="train_step_compiled")
-    batches = itertools.chain([first_batch], batches)
   while step < total and stop["signal"] is None:
     batch = next(batches)
     state, metrics = step_fn(state, batch, fs_params, rng)

@@ -11,14 +11,17 @@ import pathlib
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 from segldm_jax import autoencoder_training as ae
 from segldm_jax import checkpoints
 from segldm_jax import parallel
+from segldm_jax import run_config
 from segldm_jax import viz
 from segldm_jax.data import pipeline
+from segldm_jax.data.device import images_to_model_range
 from segldm_jax.models import build
 
 
@@ -112,6 +115,30 @@ def train(module, config, mesh, source, out: pathlib.Path, node: dict):
     rec = np.clip(np.round((np.asarray(rec) + 1) * 127.5), 0, 255).astype(np.uint8)
     viz.save_png(viz.grid([images, rec]), out / "reconstructions.png")
   return params
+
+
+def std_scale_factor(module, params, images: jax.Array, workdir: pathlib.Path,
+                     start_step: int) -> float:
+  """`scale_by_std` as the reference does it: 1 / std of the first batch's
+  pre-quantisation latents, measured once when a run starts and then kept
+  (config.json holds it for resumed runs and for sample.py).
+
+  Diffusion's noise schedule assumes latents of unit scale; a VQ's latents
+  are whatever its training made them (the demo VQ's: std ~0.77).
+  """
+  if start_step > 0:
+    return float(run_config.load(workdir).model.params.scale_factor)
+
+  @jax.jit
+  def latent_std(params, images):
+    h = module.apply({"params": params}, images_to_model_range(images),
+                     method="encode")
+    return jnp.std(h.astype(jnp.float32))
+
+  scale = 1.0 / float(latent_std(params, images))
+  logging.info("scale_by_std: latent std %.4f, scale_factor %.4f",
+               1.0 / scale, scale)
+  return scale
 
 
 def preview_labels(source, config, geometry) -> np.ndarray:

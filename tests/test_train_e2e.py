@@ -19,7 +19,9 @@ from PIL import Image
 
 from segldm_jax import checkpoints
 from segldm_jax import metrics
+from segldm_jax import run_config
 from segldm_jax import viz
+from segldm_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).parents[1]
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -154,18 +156,32 @@ def test_without_a_first_stage_it_trains_one_then_reuses_it(tmp_path, env):
         "--config.first_stage.train_crop=16",
         "--config.first_stage.train_batch_size=2",
         "--config.first_stage.quantize_warmup_steps=1",
-        "--config.train.checkpoint_every=2"]
+        "--config.train.checkpoint_every=2",
+        "--config.model.params.scale_by_std=True"]
   _train(wd, env, *vq, "--config.train.steps=2")
   fs = wd / checkpoints.FIRST_STAGE_DIR
-  _, params, node = checkpoints.load_model_dir(fs)
+  vq_model, params, node = checkpoints.load_model_dir(fs)
+  # scale_by_std: 1 / std of the pre-quantisation latents of batch 0.
+  config = run_config.load(wd)
+  batch = next(iter(pipeline.make_dataset(
+      pipeline.make_source(config.data), image_size=32, batch_size=2,
+      seed=config.seed, train=True, num_workers=0)))
+  h = vq_model.apply({"params": params}, batch["image"] / 127.5 - 1.0,
+                     method="encode")
+  np.testing.assert_allclose(config.model.params.scale_factor,
+                             1.0 / np.std(np.asarray(h)), rtol=1e-4)
+  # A resumed run keeps the factor it started with (here: a planted one).
+  saved = json.loads((wd / "config.json").read_text())
+  saved["model"]["params"]["scale_factor"] = 1.2345
+  (wd / "config.json").write_text(json.dumps(saved))
   assert node["params"]["ddconfig"]["resolution"] == 32
   # Originals over reconstructions of whole 32x32 images (it trained on 16).
   two_rows = viz.grid([np.zeros((2, 32, 32, 3), np.uint8)] * 2)
   assert (Image.open(fs / "reconstructions.png").size[::-1]
           == two_rows.shape[:2])
-  saved = json.loads((wd / "config.json").read_text())
   assert saved["model"]["params"]["first_stage_config"] == node
   r = _train(wd, env, *vq, "--config.train.steps=4")
+  assert run_config.load(wd).model.params.scale_factor == 1.2345
   assert "trained earlier in this workdir" in r.stderr
   assert "first stage (VQ)" not in r.stderr
   _, again, _ = checkpoints.load_model_dir(fs)
