@@ -20,12 +20,12 @@ Variants (`--config configs/seg_f4.py:VARIANT`):
         small VQ-f4 trained first (when first_stage.checkpoint is empty),
         then a small LDM; all in one command (`make demo`):
           python train.py --config configs/seg_f4.py:demo --workdir workdirs/demo
-        Hardware: 2 CPU cores. Measured (BENCHMARKS.md): train.py ~10 min
-        (VQ 1200 steps on 32x32 crops ~3.5 min, LDM 1800 steps ~6 min),
-        then `python sample.py --workdir workdirs/demo` scores
-        mask-adherence mIoU 0.56 over 16 masks (chance 1/16). The target
-        of >= 0.6 is NOT met yet: the VQ's reconstructions alone cap it at
-        ~0.8, and 3000 LDM steps (over budget) reach only 0.59.
+        Hardware: 2 CPU cores. Measured (BENCHMARKS.md): `make demo` on a
+        fresh clone 11 min 22 s (venv, VQ 1200 steps on 32x32 crops 3.4 min,
+        LDM 1200 steps at batch 16 7.1 min, sampling), then
+        `python sample.py --workdir workdirs/demo` scores mask-adherence
+        mIoU 0.65 over 16 masks (chance 1/16; 0.65 / 0.70 over 64 masks with
+        seeds 0 / 1).
   tiny  The reference recipe at reduced width for tests and smoke runs
         (same structure: attention only in the middle, 2 rescaler stages).
 
