@@ -29,6 +29,7 @@ from segldm_jax import first_stage as first_stage_lib
 from segldm_jax import run_config
 from segldm_jax import sampling
 from segldm_jax import viz
+from segldm_jax import xla_cpu
 from segldm_jax.data import folder as folder_lib
 from segldm_jax.data import labels as labels_lib
 from segldm_jax.data import pipeline
@@ -80,6 +81,7 @@ def _read_masks(path: pathlib.Path, config, size: int):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  xla_cpu.use_xnnpack_convolutions()  # before any device is touched
   workdir = args.workdir.absolute()
   try:
     config = run_config.load(workdir)

@@ -35,6 +35,7 @@ from segldm_jax import parallel
 from segldm_jax import run_config
 from segldm_jax import sampling
 from segldm_jax import trainer
+from segldm_jax import xla_cpu
 from segldm_jax import viz
 from segldm_jax.data import pipeline
 from segldm_jax.models import build
@@ -60,6 +61,7 @@ class _OnlyOurInfo(pylogging.Filter):
 
 def main(argv):
   del argv
+  xla_cpu.use_xnnpack_convolutions()  # before any device is touched
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   parallel.maybe_initialize_distributed(
       FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -173,7 +175,19 @@ def main(argv):
   preview_labels = first_stage_lib.preview_labels(source, config, geometry)
   sample_key = jax.random.fold_in(rng, 2**30)
 
+  def stop_if_nonfinite(step: int) -> None:
+    # With nonfinite=stop the step applies even a non-finite update (no
+    # select over the state); such a state must never reach a checkpoint.
+    if config.train.nonfinite == "stop" and int(state.skipped) > 0:
+      bar.close()
+      writer.close()
+      mgr.wait_until_finished()
+      sys.exit(f"non-finite loss or gradient by step {step}: stopped, and the "
+               f"last checkpoint ({mgr.latest_step()}) is intact; lower the "
+               "learning rate or set --config.train.nonfinite=skip")
+
   def save(step: int, force: bool = False) -> None:
+    stop_if_nonfinite(step)
     checkpoints.save_train_state(mgr, step, state, force=force)
 
   generate = jax.jit(functools.partial(
@@ -235,14 +249,7 @@ def main(argv):
                 "skipped_steps": int(m["skipped"]), "images_per_sec": ips}
       writer.write_scalars(step, record)
       bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{ips:.1f}")
-      if not bool(m["finite"]) and config.train.nonfinite == "stop":
-        bar.close()
-        writer.close()
-        mgr.wait_until_finished()
-        sys.exit(f"non-finite loss or gradient at step {step}: the update was "
-                 f"not applied and the last checkpoint ({mgr.latest_step()}) "
-                 "is intact; lower the learning rate or set "
-                 "--config.train.nonfinite=skip")
+      stop_if_nonfinite(step)
     if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
       save(step)
     if config.train.sample_every and step % config.train.sample_every == 0:

@@ -90,8 +90,9 @@ def architecture(config) -> dict:
 # ------------------------------------------------------------------------- #
 #                                The JAX side                               #
 # ------------------------------------------------------------------------- #
-def jax_workloads(size: str, batch: int, dtype: str, ddim_steps: int):
-  """-> ({name: run(n) -> seconds}, info)."""
+def jax_workloads(size: str, batch: int, dtype: str, ddim_steps: int,
+                  names=WORKLOADS):
+  """-> ({name: run(n) -> seconds}, info, memory()) for the named workloads."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -131,38 +132,6 @@ def jax_workloads(size: str, batch: int, dtype: str, ddim_steps: int):
     info["compile_s"][name] = time.perf_counter() - t0
     return out
 
-  train = compiled("train", step, state, data, fs_params, key,
-                   donate_argnums=(0,))
-  info["flops_train_xla"] = flops.xla_flops(train)
-  info["flops_train_analytic"] = flops.analytic_flops(
-      step, state, data, fs_params, key)
-
-  params = {"unet": state.ema["unet"], "cond_stage": state.params["cond_stage"]}
-  params = jax.tree.map(jnp.copy, params)  # not donated with the state
-  ddim = compiled("ddim", lambda p, f, l, k: sampling.generate(
-      ldm, p, f, l, k, sampler="ddim", steps=ddim_steps, eta=0.0),
-      params, fs_params, data["labels"], key)
-  image = jnp.asarray(batch_np["image"], jnp.float32) / 127.5 - 1.0
-  encode = compiled("encode", ldm.encode, fs_params, image)
-  z = encode(fs_params, image)
-  decode = compiled("decode", ldm.decode, fs_params, z)
-  info["flops_ddim_analytic"] = flops.analytic_flops(
-      lambda p, f, l, k: sampling.generate(ldm, p, f, l, k, sampler="ddim",
-                                           steps=ddim_steps, eta=0.0),
-      params, fs_params, data["labels"], key)
-  info["params_unet"] = sum(x.size for x in jax.tree.leaves(state.params["unet"]))
-
-  box = {"state": state}
-
-  def run_train(n):
-    t0 = time.perf_counter()
-    s = box["state"]
-    for _ in range(n):
-      s, m = train(s, data, fs_params, key)
-    jax.block_until_ready((s, m))
-    box["state"] = s
-    return time.perf_counter() - t0
-
   def timed(fn, *args):
     def run(n):
       t0 = time.perf_counter()
@@ -172,10 +141,43 @@ def jax_workloads(size: str, batch: int, dtype: str, ddim_steps: int):
       return time.perf_counter() - t0
     return run
 
-  runs = {"train": run_train,
-          "ddim": timed(ddim, params, fs_params, data["labels"], key),
-          "encode": timed(encode, fs_params, image),
-          "decode": timed(decode, fs_params, z)}
+  info["params_unet"] = sum(x.size for x in jax.tree.leaves(state.params["unet"]))
+  info["flops_train_analytic"] = flops.analytic_flops(
+      step, state, data, fs_params, key)
+  params = {"unet": state.ema["unet"], "cond_stage": state.params["cond_stage"]}
+  params = jax.tree.map(jnp.copy, params)  # not donated with the state
+  image = jnp.asarray(batch_np["image"], jnp.float32) / 127.5 - 1.0
+  runs = {}
+  if "train" in names:
+    train = compiled("train", step, state, data, fs_params, key,
+                     donate_argnums=(0,))
+    info["flops_train_xla"] = flops.xla_flops(train)
+    box = {"state": state}
+
+    def run_train(n):
+      t0 = time.perf_counter()
+      s = box["state"]
+      for _ in range(n):
+        s, m = train(s, data, fs_params, key)
+      jax.block_until_ready((s, m))
+      box["state"] = s
+      return time.perf_counter() - t0
+    runs["train"] = run_train
+  if "ddim" in names:
+    def sample(p, f, l, k):
+      return sampling.generate(ldm, p, f, l, k, sampler="ddim",
+                               steps=ddim_steps, eta=0.0)
+    ddim = compiled("ddim", sample, params, fs_params, data["labels"], key)
+    info["flops_ddim_analytic"] = flops.analytic_flops(
+        sample, params, fs_params, data["labels"], key)
+    runs["ddim"] = timed(ddim, params, fs_params, data["labels"], key)
+  if "encode" in names:
+    encode = compiled("encode", ldm.encode, fs_params, image)
+    runs["encode"] = timed(encode, fs_params, image)
+  if "decode" in names:
+    z = jax.jit(ldm.encode)(fs_params, image)
+    decode = compiled("decode", ldm.decode, fs_params, z)
+    runs["decode"] = timed(decode, fs_params, z)
 
   def memory():
     stats = jax.devices()[0].memory_stats() or {}
@@ -200,14 +202,16 @@ def _peak_rss_bytes() -> int:
 def worker(args) -> None:
   """Builds and compiles, says `ready`, then times what stdin asks for."""
   if args.worker == "jax":
+    from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+    xla_cpu.use_xnnpack_convolutions()  # as train.py and sample.py
     runs, info, memory = jax_workloads(args.size, args.batch, args.dtype,
-                                       args.ddim_steps)
+                                       args.ddim_steps, args.workloads)
   else:
     from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
     runs, info, memory = torch_peer.workloads(
         architecture(size_config(args.size)), args.batch, args.dtype,
         args.ddim_steps, args.threads)
-  for name in WORKLOADS:  # warm-up: first calls allocate, autotune, etc.
+  for name in args.workloads:  # warm-up: first calls allocate, autotune...
     runs[name](1)
   print(json.dumps({"ready": info}), flush=True)
   for line in sys.stdin:
@@ -228,7 +232,8 @@ class Worker:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework,
            "--size", args.size, "--batch", str(args.batch), "--dtype",
            args.dtype, "--ddim_steps", str(args.ddim_steps),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads),
+           "--workloads", ",".join(args.workloads)]
     self.framework = framework
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True)
@@ -302,6 +307,9 @@ def main(argv=None) -> int:
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--iters", type=int, default=0,
                   help="iterations per timed run (0: by size)")
+  ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                  type=lambda s: tuple(s.split(",")),
+                  help=f"comma-separated subset of {','.join(WORKLOADS)}")
   ap.add_argument("--peer", action="store_true", help="also run PyTorch")
   ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                   help="torch CPU threads")
@@ -310,6 +318,9 @@ def main(argv=None) -> int:
   ap.add_argument("--json", default="", help="also write the results here")
   ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
+  unknown = set(args.workloads) - set(WORKLOADS)
+  if unknown:
+    ap.error(f"unknown workload(s) {sorted(unknown)}; choose from {WORKLOADS}")
   if args.worker:
     worker(args)
     return 0
@@ -319,13 +330,14 @@ def main(argv=None) -> int:
     workers.append(Worker("torch", args))
   iters = args.iters or ITERS[args.size]
   per_run = {"train": iters, "ddim": 1, "encode": iters, "decode": iters}
-  results = {w.framework: {k: [] for k in WORKLOADS} for w in workers}
+  results = {w.framework: {k: [] for k in args.workloads} for w in workers}
   repeats = 0 if args.smoke else args.repeats  # smoke: the warm-up call only
   for r in range(repeats):
     # Alternate who goes first, so drift (thermal, caches) hits both alike.
     order = workers if r % 2 == 0 else workers[::-1]
-    for name in WORKLOADS:
+    for name in args.workloads:
       for w in order:
+        time.sleep(0.2)  # the other's worker threads stop spinning first
         s = w.ask(f"run {name} {per_run[name]}")["seconds"]
         results[w.framework][name].append(per_run[name] * args.batch / s)
   memory = {w.framework: w.close() for w in workers}
@@ -343,16 +355,12 @@ def main(argv=None) -> int:
 
   report["images_per_sec"] = {f: {k: _stats(v) for k, v in r.items()}
                               for f, r in results.items()}
-  train_ips = report["images_per_sec"]["jax"]["train"][0]
-  achieved = info["flops_train_analytic"] * train_ips / args.batch
-  report["train_tflops"] = achieved / 1e12
-  report["mfu"] = achieved / peak
   print(f"\n{args.size}, batch {args.batch}, {args.dtype}, {info['device']}; "
         f"images/s, median [min-max] of {repeats} runs")
   head = "| workload | JAX |" + (" PyTorch | JAX / PyTorch |" if args.peer else "")
   print(head)
   print("|" + " --- |" * (head.count("|") - 1))
-  for name in WORKLOADS:
+  for name in args.workloads:
     row = f"| {name} | {_fmt(report['images_per_sec']['jax'][name])} |"
     if args.peer:
       t = report["images_per_sec"]["torch"][name]
@@ -360,12 +368,18 @@ def main(argv=None) -> int:
       row += f" {_fmt(t)} | **{ratio:.2f}x** |"
     print(row)
   print(f"\ncompile s: {json.dumps({k: round(v, 1) for k, v in info['compile_s'].items()})}")
-  print(f"train step FLOPs: analytic (conv + matmul) "
-        f"{info['flops_train_analytic'] / 1e9:.2f} G, XLA cost analysis "
-        f"{info['flops_train_xla'] / 1e9:.2f} G "
-        f"(ratio {info['flops_train_xla'] / info['flops_train_analytic']:.3f})")
-  print(f"achieved {achieved / 1e12:.3f} TFLOP/s = MFU {100 * report['mfu']:.1f}% "
-        f"of {peak / 1e12:.3f} TFLOP/s ({peak_desc})")
+  if "train" in args.workloads:
+    train_ips = report["images_per_sec"]["jax"]["train"][0]
+    achieved = info["flops_train_analytic"] * train_ips / args.batch
+    report["train_tflops"] = achieved / 1e12
+    report["mfu"] = achieved / peak
+    print(f"train step FLOPs: analytic (conv + matmul) "
+          f"{info['flops_train_analytic'] / 1e9:.2f} G, XLA cost analysis "
+          f"{info['flops_train_xla'] / 1e9:.2f} G (ratio "
+          f"{info['flops_train_xla'] / info['flops_train_analytic']:.3f})")
+    print(f"achieved {achieved / 1e12:.3f} TFLOP/s = MFU "
+          f"{100 * report['mfu']:.1f}% of {peak / 1e12:.3f} TFLOP/s "
+          f"({peak_desc})")
   for f, m in memory.items():
     print(f"peak memory {f}: " + ", ".join(
         f"{k} {v / 2**20:.0f} MiB" for k, v in m.items()))

@@ -9,7 +9,11 @@ if "xla_force_host_platform_device_count" not in _XLA_FLAGS:
   os.environ["XLA_FLAGS"] = (_XLA_FLAGS
                              + " --xla_force_host_platform_device_count=8")
 
-import pytest
+from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+
+xla_cpu.use_xnnpack_convolutions()  # the numerics train.py and sample.py get
+
+import pytest  # pylint: disable=g-import-not-at-top
 
 TESTS_DIR = pathlib.Path(__file__).parent
 

@@ -195,8 +195,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, env):
   r = _train(wd, env, "--config.train.steps=50", "--config.train.checkpoint_every=1",
              "--config.train.base_learning_rate=1e12", check=False)
   assert r.returncode != 0
-  assert "non-finite loss or gradient at step" in r.stderr
-  failed_at = int(r.stderr.split("non-finite loss or gradient at step ")[1].split(":")[0])
+  assert "non-finite loss or gradient by step" in r.stderr
+  failed_at = int(r.stderr.split("non-finite loss or gradient by step ")[1].split(":")[0])
   assert _steps(wd)[-1] == failed_at - 1  # the bad update was never saved
   from segldm_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from segldm_jax import run_config  # pylint: disable=g-import-not-at-top

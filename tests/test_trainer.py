@@ -27,9 +27,9 @@ def _setup():
 
 
 @functools.cache
-def _compiled(accum):
+def _compiled(accum, nonfinite="stop"):
   ldm = _setup()[0]
-  cfg = dict(TRAIN, grad_accum=accum)
+  cfg = dict(TRAIN, grad_accum=accum, nonfinite=nonfinite)
   opt = trainer.make_optimizer(cfg)
   return opt, jax.jit(trainer.make_train_step(ldm, opt, cfg))
 
@@ -94,9 +94,9 @@ def test_first_stage_and_step_counter():
                          params["cond_stage"]["channel_mapper"]["kernel"])
 
 
-def test_nonfinite_step_is_not_applied():
+def test_nonfinite_step_is_not_applied_when_skipping():
   _, params, fs, batch = _setup()
-  opt, step = _compiled(1)
+  opt, step = _compiled(1, "skip")
   state = trainer.init_state(params, opt)
   bad_fs = jax.tree.map(lambda x: x * jnp.nan, fs)  # NaN latents
   new, metrics = step(state, batch, bad_fs, jax.random.key(0))
@@ -104,3 +104,17 @@ def test_nonfinite_step_is_not_applied():
   assert int(new.step) == 1
   for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_step_is_counted_when_stopping():
+  """nonfinite=stop: no select over the state; train.py stops on the count
+  before anything is saved (tests/test_train_e2e.py)."""
+  _, params, fs, batch = _setup()
+  opt, step = _compiled(1, "stop")
+  state = trainer.init_state(params, opt)
+  new, metrics = step(state, batch, fs, jax.random.key(0))
+  assert bool(metrics["finite"]) and int(new.skipped) == 0
+  bad_fs = jax.tree.map(lambda x: x * jnp.nan, fs)
+  new, metrics = step(new, batch, bad_fs, jax.random.key(0))
+  assert not bool(metrics["finite"]) and int(new.skipped) == 1
+  assert not all(np.isfinite(x).all() for x in jax.tree.leaves(new.params))

@@ -15,6 +15,33 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+class GroupNorm32(nn.Module):
+  """torch.nn.GroupNorm(32, C): statistics per (sample, group of contiguous
+  channels), biased variance in two passes (as torch, accurate when the
+  mean is large), then a per-channel affine. Parameters `scale` and `bias`
+  as flax's GroupNorm.
+
+  Written out because flax's `use_fast_variance=False` path ran 5x slower
+  on CPU than these two fused reductions (VQ encoder at 64x64, 32 channels:
+  2.5 ms vs 0.5 ms), for the same result (5e-7).
+  """
+  epsilon: float
+  num_groups: int = 32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    g = x.reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+    axes = (*range(1, g.ndim - 2), g.ndim - 1)  # spatial + within-group
+    mean = jnp.mean(g, axes, keepdims=True)
+    d = g - mean
+    var = jnp.mean(d * d, axes, keepdims=True)
+    y = (d * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    return y * scale + bias
+
+
 def group_norm(x: jax.Array, epsilon: float, name: str) -> jax.Array:
   """GroupNorm over 32 contiguous channel groups, computed in float32.
 
@@ -22,8 +49,7 @@ def group_norm(x: jax.Array, epsilon: float, name: str) -> jax.Array:
   directly. The reference normalises in float32 (`GroupNorm32`), so bf16
   compute keeps exact statistics; the result returns in the input dtype.
   """
-  y = nn.GroupNorm(num_groups=32, epsilon=epsilon, dtype=jnp.float32,
-                   use_fast_variance=False, name=name)(x.astype(jnp.float32))
+  y = GroupNorm32(epsilon=epsilon, name=name)(x.astype(jnp.float32))
   return y.astype(x.dtype)
 
 
