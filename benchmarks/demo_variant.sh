@@ -5,7 +5,7 @@
 # default 16 masks.
 #
 #   benchmarks/demo_variant.sh FIRST_STAGE_DIR WORKDIR [--config.x.y=v ...]
-#   e.g. benchmarks/demo_variant.sh workdirs/demo/first_stage /tmp/b32 \
+#   e.g. benchmarks/demo_variant.sh workdirs/demo/first_stage workdirs/b32 \
 #          --config.train.batch_size=32 --config.train.steps=450
 # Several can run at once on one GPU (XLA_PYTHON_CLIENT_PREALLOCATE=false).
 set -euo pipefail
