@@ -207,7 +207,11 @@ def worker(args) -> None:
     runs, info, memory = jax_workloads(args.size, args.batch, args.dtype,
                                        args.ddim_steps, args.workloads)
   else:
-    from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
+    try:
+      from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise SystemExit(f"--peer needs torch and diffusers ({e}): pip install "
+                       "-r benchmarks/requirements-torch.txt") from e
     runs, info, memory = torch_peer.workloads(
         architecture(size_config(args.size)), args.batch, args.dtype,
         args.ddim_steps, args.threads)
