@@ -14,10 +14,18 @@ import argparse
 import pathlib
 import sys
 import time
+import traceback
 
 from segldm_jax import checkpoints
 from segldm_jax import convert
 from segldm_jax import infer_config
+
+
+def _one_line(text: str, limit: int = 1000) -> str:
+  """Control characters escaped (a tensor name or path may hold a newline or
+  a terminal escape), so an error is one line whatever the file says."""
+  text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def main(argv=None) -> int:
@@ -46,7 +54,18 @@ def main(argv=None) -> int:
         resolution=args.resolution, num_heads=args.num_heads,
         num_head_channels=args.num_head_channels)
   except (ValueError, OSError) as e:  # CheckpointError, ConversionError, ...
-    print(f"error: {e}", file=sys.stderr)
+    message, name = _one_line(e), _one_line(args.checkpoint)
+    where = "" if name in message else f"{name}: "  # reader errors name it
+    print(f"error: {where}{message}", file=sys.stderr)
+    return 1
+  except Exception as e:  # pylint: disable=broad-except
+    # A file this odd can still trip the model builder (e.g. an inferred
+    # architecture from inconsistent shapes): one line, not a traceback.
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    print(f"error: {_one_line(args.checkpoint)}: cannot convert "
+          f"({type(e).__name__}: {_one_line(e, 300)}, at "
+          f"{pathlib.Path(frame.filename).name}:{frame.lineno})",
+          file=sys.stderr)
     return 1
 
   if conv.inferred:
@@ -55,28 +74,33 @@ def main(argv=None) -> int:
   report = conv.report.summary()
   print(f"{args.checkpoint}: {conv.kind} checkpoint\n{report}")
 
-  if conv.kind == "ldm":
-    checkpoints.save_model_dir(out / checkpoints.FIRST_STAGE_DIR,
-                               conv.node["params"]["first_stage_config"],
-                               conv.params["first_stage"])
-    config = {"model": conv.node,
-              "first_stage": {"checkpoint": checkpoints.FIRST_STAGE_DIR},
-              "converted_from": str(args.checkpoint.absolute())}
-    step = int(conv.meta.get("global_step", 0))
-    checkpoints.save_converted_workdir(
-        out, config, step,
-        {k: conv.params[k] for k in ("unet", "cond_stage")}, conv.ema,
-        conv.meta)
-    (out / "report.txt").write_text(report + "\n")
-    print(f"wrote workdir {out} (step {step}, UNet weights: "
-          f"{'live + EMA' if conv.ema else 'live'}); sample with:\n"
-          f"  python sample.py --workdir {out}")
-  else:
-    checkpoints.save_model_dir(out, conv.node, conv.params, report)
-    print(f"wrote model directory {out}")
-    if conv.kind == "vq":
-      print(f"use it as the first stage: python train.py --config "
-            f"configs/seg_f4.py --config.first_stage.checkpoint={out}")
+  try:
+    if conv.kind == "ldm":
+      checkpoints.save_model_dir(out / checkpoints.FIRST_STAGE_DIR,
+                                 conv.node["params"]["first_stage_config"],
+                                 conv.params["first_stage"])
+      config = {"model": conv.node,
+                "first_stage": {"checkpoint": checkpoints.FIRST_STAGE_DIR},
+                "converted_from": str(args.checkpoint.absolute())}
+      step = int(conv.meta.get("global_step", 0))
+      checkpoints.save_converted_workdir(
+          out, config, step,
+          {k: conv.params[k] for k in ("unet", "cond_stage")}, conv.ema,
+          conv.meta)
+      (out / "report.txt").write_text(report + "\n")
+      print(f"wrote workdir {out} (step {step}, UNet weights: "
+            f"{'live + EMA' if conv.ema else 'live'}); sample with:\n"
+            f"  python sample.py --workdir {out}")
+    else:
+      checkpoints.save_model_dir(out, conv.node, conv.params, report)
+      print(f"wrote model directory {out}")
+      if conv.kind == "vq":
+        print(f"use it as the first stage: python train.py --config "
+              f"configs/seg_f4.py --config.first_stage.checkpoint={out}")
+  except (OSError, ValueError) as e:  # unwritable --out, full disk
+    print(f"error: cannot write {_one_line(out)}: {_one_line(e, 300)}",
+          file=sys.stderr)
+    return 1
   print(f"done in {time.perf_counter() - start:.1f} s")
   return 0
 

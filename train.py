@@ -22,6 +22,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
@@ -37,6 +38,7 @@ from segldm_jax import sampling
 from segldm_jax import trainer
 from segldm_jax import xla_cpu
 from segldm_jax import viz
+from segldm_jax.data import check as data_check
 from segldm_jax.data import pipeline
 from segldm_jax.models import build
 
@@ -48,8 +50,31 @@ flags.DEFINE_string("coordinator_address", None,
                     "(or JAX_COORDINATOR_ADDRESS; SLURM/TPU pods are detected)")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.DEFINE_bool(
+    "check_data", False,
+    "Decode every record of the configured dataset, print a summary of the "
+    "bad ones (file and reason) and exit (0: clean, 1: problems) without "
+    "training. Training never scans by itself (slow on big datasets): a "
+    "bad record stops it naming the file, or is skipped and counted with "
+    "--config.data.bad_records=skip.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a config mistake reported in one line.
+
+  ml_collections raises a multi-line AttributeError/KeyError (a traceback)
+  for an unknown override such as --config.train.batchsize=8, and defers a
+  config file that failed to load until first use.
+  """
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.get("seed")  # a config file that did not load raises here
+    return rest
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError,
+          ValueError) as e:
+    sys.exit(f"config error: {run_config.flag_error(argv, e)}")
 
 
 class _OnlyOurInfo(pylogging.Filter):
@@ -63,6 +88,10 @@ def main(argv):
   del argv
   xla_cpu.use_xnnpack_convolutions()  # before any device is touched
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
+  if FLAGS.check_data:  # before any device, model or workdir is touched
+    report = data_check.check_data(FLAGS.config.data)
+    print(report.summary())
+    sys.exit(0 if report.ok else 1)
   parallel.maybe_initialize_distributed(
       FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   config = FLAGS.config
@@ -74,11 +103,35 @@ def main(argv):
   is_main = jax.process_index() == 0
   try:
     geometry = run_config.validate(config)
+    # What later sections would trip over, after minutes of work: the mesh,
+    # the first stage and, resuming, the workdir's config and saved tensors
+    # (metadata and shapes only).
+    run_config.check_mesh(config, jax.process_count())
+    first_stage_lib.check(config, workdir)
+    checkpoints.ensure_writable(workdir)
+    mgr = checkpoints.train_checkpoint_manager(workdir, config.train)
+    start_step = mgr.latest_step() or 0
+    # Shapes only (no weights): what saved tensors and free space are
+    # checked against, before the first stage or a sample is written.
+    param_shapes = checkpoints.ldm_param_shapes(build.build_model(config.model))
+    saved_config = None  # the Model section overwrites it; kept for errors
+    if start_step:
+      run_config.check_resume(config, workdir, start_step)
+      checkpoints.check_saved_params(workdir, start_step, param_shapes)
+      if (workdir / checkpoints.CONFIG_FILE).is_file():
+        saved_config = (workdir / checkpoints.CONFIG_FILE).read_text()
   except run_config.ConfigError as e:
     sys.exit(f"config error: {e}")
-  checkpoints.ensure_writable(workdir)
-  mgr = checkpoints.train_checkpoint_manager(workdir, config.train)
-  start_step = mgr.latest_step() or 0
+  except checkpoints.CheckpointMismatchError as e:
+    sys.exit(f"config error: {e}; resume with the settings in "
+             f"{workdir / checkpoints.CONFIG_FILE} or use a new --workdir")
+  # Fails now, not at a save hours later; a save that fails anyway (a disk
+  # filled meanwhile) ends the run in one line too (see checkpoints).
+  checkpoints.check_free_space(
+      workdir, checkpoints.tree_nbytes(jax.eval_shape(
+          lambda p: trainer.init_state(p, trainer.make_optimizer(config.train)),
+          param_shapes)),
+      keep=config.train.keep_checkpoints, existing=len(mgr.all_steps()))
   logging.info("workdir %s; %d process(es), %d device(s): %s", workdir,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
 
@@ -98,14 +151,18 @@ def main(argv):
   #                                 Input                                 #
   # ===================================================================== #
   source = pipeline.make_source(config.data)
+  bad_records = config.data.get("bad_records", "error")
   # Batch k of the stream is a pure function of (seed, k): a resumed run
   # starts at its step and sees what an uninterrupted run would have seen.
   data_iter = iter(pipeline.make_dataset(
       source, image_size=geometry["image"],
       batch_size=config.train.batch_size // jax.process_count(),
       seed=config.seed, train=True, num_workers=config.data.num_workers,
-      start_batch=start_step))
-  batches = (parallel.global_batch(b, mesh) for b in data_iter)
+      start_batch=start_step, bad_records=bad_records))
+  # Skip mode's per-record flags are counted here on the host and never
+  # reach the devices (the step's batch sharding covers image and labels).
+  bad_log = data_check.BadRecordLog(source)
+  batches = (parallel.global_batch(bad_log(b), mesh) for b in data_iter)
   # Peeked: scale_by_std measures it, and every process compiles the step on
   # it before the first collective.
   first_batch = next(batches)
@@ -166,9 +223,15 @@ def main(argv):
         jax.random.fold_in(rng, -1 % 2**31))
   else:
     logging.info("resuming from step %d", start_step)
-    state = checkpoints.restore_train_state(
-        mgr, start_step, abstract_state, state_shardings,
-        jax.jit(optimizer.init, out_shardings=state_shardings.opt_state))
+    try:
+      state = checkpoints.restore_train_state(
+          mgr, start_step, abstract_state, state_shardings,
+          jax.jit(optimizer.init, out_shardings=state_shardings.opt_state))
+    except checkpoints.CheckpointMismatchError as e:  # e.g. the optimiser
+      if is_main and saved_config is not None:  # this config never trained
+        (workdir / checkpoints.CONFIG_FILE).write_text(saved_config)
+      sys.exit(f"config error: {e}; resume with the settings in "
+               f"{workdir / checkpoints.CONFIG_FILE} or use a new --workdir")
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   writer.truncate_after(start_step)
@@ -247,6 +310,12 @@ def main(argv):
                 "grad_norm": float(m["grad_norm"]),
                 "ema_decay": float(m["ema_decay"]),
                 "skipped_steps": int(m["skipped"]), "images_per_sec": ips}
+      if bad_records == "skip":
+        # Bad records skipped since this run (re)started, all processes.
+        total_bad = np.int64(bad_log.total)
+        if jax.process_count() > 1:
+          total_bad = multihost_utils.process_allgather(total_bad).sum()
+        record["bad_records"] = int(total_bad)
       writer.write_scalars(step, record)
       bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{ips:.1f}")
       stop_if_nonfinite(step)
@@ -270,4 +339,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

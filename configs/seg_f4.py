@@ -90,6 +90,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.palette = ""               # JSON/text palette for RGB label PNGs
   c.data.remap = ""                 # optional JSON {old_id: new_id}
   c.data.skip_unpaired = False
+  # error | skip: a record that fails to decode stops the run naming its
+  # file, or is replaced by the next good one and counted (bad_records in
+  # metrics.jsonl). `train.py --check_data` lists them all up front.
+  c.data.bad_records = "error"
   c.data.image_size = 256
   c.data.tfds_name = ""
   c.data.tfds_split = "train"

@@ -146,10 +146,18 @@ def convert_tree(state_dict: Mapping[str, np.ndarray], target: Params, *,
       raise ConversionError(
           f"{where}: tensor {key!r} has shape {tuple(state_dict[key].shape)}, "
           f"but parameter {'/'.join(path)} needs {shape} (after layout change)")
+    if value.dtype.kind not in "fiub":  # complex would lose its imaginary part
+      raise ConversionError(f"{where}: tensor {key!r} has dtype {value.dtype}; "
+                            "expected real numbers (float or int)")
     # One C-ordered float32 copy (what jax and tensorstore want, so neither
     # copies again); then the source's file pages can go.
     out[path] = np.array(value, dtype=np.float32, order="C", copy=True)
     _release_pages(source)
+    if not np.isfinite(out[path]).all():  # a corrupt or diverged checkpoint
+      bad = int(out[path].size - np.isfinite(out[path]).sum())
+      raise ConversionError(
+          f"{where}: tensor {key!r} holds {bad} non-finite values (NaN or "
+          "inf); the checkpoint is corrupt or its training diverged")
     if report is not None:
       report.used.append(key)
 

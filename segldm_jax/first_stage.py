@@ -20,6 +20,7 @@ from segldm_jax import checkpoints
 from segldm_jax import parallel
 from segldm_jax import run_config
 from segldm_jax import viz
+from segldm_jax.data import check as data_check
 from segldm_jax.data import pipeline
 from segldm_jax.data.device import images_to_model_range
 from segldm_jax.models import build
@@ -44,6 +45,40 @@ def load_existing(config, workdir: pathlib.Path):
     logging.info("first stage: trained earlier in this workdir (%s)", own)
     return checkpoints.load_model_dir(own)
   return None
+
+
+def check(config, workdir: pathlib.Path) -> None:
+  """Start-up check of the first stage `load_existing` would load: it is a
+  model directory, its weights match its model.yaml, it is a VQ, and its
+  latents fit the LDM config. Reads metadata only.
+
+  Raises:
+    run_config.ConfigError: one line naming the first stage and the problem.
+  """
+  checkpoint = config.get("first_stage", {}).get("checkpoint")
+  own = workdir / checkpoints.FIRST_STAGE_DIR
+  if checkpoint:
+    path = _resolve(checkpoint, workdir)
+    what = f"first_stage.checkpoint={checkpoint}"
+  elif (own / checkpoints.MODEL_FILE).is_file():
+    path, what = own, f"the first stage trained earlier in {own}"
+  else:
+    return
+  try:
+    node = checkpoints.check_model_dir(path)
+  except (OSError, ValueError) as e:  # not found, mismatch, bad model.yaml
+    raise run_config.ConfigError(f"{what}: {e}") from None
+  if node.get("target") not in build.VQ_TARGETS:
+    raise run_config.ConfigError(
+        f"{what} holds a {node.get('target')}, not a VQ first stage; "
+        "convert the VQ (e.g. vq-f4/model.ckpt) and pass its directory")
+  trial = config.copy_and_resolve_references()
+  with trial.unlocked():
+    trial.model.params.first_stage_config = node
+  try:
+    run_config.geometry(trial)
+  except run_config.ConfigError as e:
+    raise run_config.ConfigError(f"with {what}: {e}") from None
 
 
 def prepare(config, workdir: pathlib.Path, mesh, source):
@@ -90,7 +125,9 @@ def train(module, config, mesh, source, out: pathlib.Path, node: dict):
   data = iter(pipeline.make_dataset(
       source, image_size=config.data.image_size,
       batch_size=batch // jax.process_count(), seed=config.seed + 1,
-      num_workers=config.data.num_workers))
+      num_workers=config.data.num_workers,
+      bad_records=config.data.get("bad_records", "error")))
+  data = map(data_check.BadRecordLog(source), data)  # warns on skipped ones
   bar = tqdm.tqdm(range(fs.train_steps), desc="first stage (VQ)",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   for i in bar:
@@ -146,5 +183,7 @@ def preview_labels(source, config, geometry) -> np.ndarray:
   n = int(config.sample.num_masks)
   ds = pipeline.make_dataset(source, image_size=geometry["image"],
                              batch_size=n, seed=config.seed, train=False,
-                             shard_index=0, shard_count=1, drop_remainder=False)
+                             shard_index=0, shard_count=1, drop_remainder=False,
+                             bad_records=config.data.get("bad_records",
+                                                         "error"))
   return next(iter(ds))["labels"]

@@ -132,6 +132,9 @@ def detect_kind(state_dict: Mapping[str, Any]) -> str:
 
 
 def _multiple(width: int, base: int, what: str) -> int:
+  if base <= 0:  # a zero-width tensor: a broken file, not a division error
+    raise InferenceError(f"{what}: base width {base} (a tensor with a zero-"
+                         "size dimension); the checkpoint is corrupt")
   if width % base:
     raise InferenceError(f"{what}: width {width} is not a multiple of the base "
                          f"width {base}")

@@ -5,10 +5,13 @@ would work. Sizes that follow from others (the LDM's latent `image_size`,
 `channels`) are derived rather than checked.
 """
 
+import difflib
 import json
 import math
 import pathlib
-from typing import Any
+import re
+import shlex
+from typing import Any, Sequence
 
 import ml_collections as mlc
 
@@ -138,6 +141,109 @@ def check_batch_fits_mesh(config: mlc.ConfigDict, batch_devices: int,
                       f"split over {processes} processes")
 
 
+def check_mesh(config: mlc.ConfigDict, processes: int) -> None:
+  """The mesh fits the devices and the batch splits over it (at start-up,
+  before any work that would be lost)."""
+  from segldm_jax import parallel  # pylint: disable=g-import-not-at-top
+  try:
+    mesh = parallel.make_mesh(config.mesh)
+  except (TypeError, ValueError) as e:  # make_mesh names the fix
+    raise ConfigError(f"{e} (--config.mesh)") from None
+  batch_devices = math.prod(mesh.shape[a] for a in parallel.batch_axes(mesh))
+  check_batch_fits_mesh(config, batch_devices, processes)
+
+
+# Settings a resumed run must share with the run that wrote the workdir:
+# they shape the saved tensors, or the meaning of what was learned. Keys
+# missing on either side (a converted workdir has no `data`) are skipped.
+_RESUME_KEYS = ("data.num_classes", "data.image_size", "data.mask_size",
+                "model.params.timesteps", "model.params.linear_start",
+                "model.params.linear_end", "model.params.conditioning_key",
+                "model.params.parameterization")
+_RESUME_SUBTREES = ("model.params.cond_stage_config.params",
+                    "model.params.unet_config.params")
+_DERIVED = ("model.params.unet_config.params.image_size",)
+# Keys that validate() requires equal: a fix for one must name both.
+_TIED = {f"{_RESUME_SUBTREES[0]}.in_channels": "data.num_classes",
+         "data.num_classes": f"{_RESUME_SUBTREES[0]}.in_channels"}
+_MISSING = object()
+
+
+def _get(tree: Any, dotted: str) -> Any:
+  for part in dotted.split("."):
+    if not hasattr(tree, "keys") or part not in tree.keys():
+      return _MISSING
+    tree = tree[part]
+  return tree
+
+
+def _leaves(tree: Any, prefix: str) -> list[str]:
+  """Dotted paths of `tree`'s non-mapping values (lists are values)."""
+  if not hasattr(tree, "keys"):
+    return [prefix]
+  return [leaf for k in tree.keys()
+          for leaf in _leaves(tree[k], f"{prefix}.{k}")]
+
+
+def _plain(value: Any) -> Any:
+  """JSON-normal form, so tuples == lists and ConfigDicts == dicts."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  return json.loads(json.dumps(value, default=str))
+
+
+def cli_value(value: Any) -> str:
+  """How to write `value` after `--config.key=` in a shell."""
+  return shlex.quote(value if isinstance(value, str) else repr(value))
+
+
+def resume_differences(config: mlc.ConfigDict, saved: Any
+                       ) -> list[tuple[str, Any, Any]]:
+  """-> [(key, saved value, this run's value)] over the settings a resumed
+  run must keep (`_RESUME_KEYS`, every key under `_RESUME_SUBTREES`)."""
+  keys = list(_RESUME_KEYS)
+  for subtree in _RESUME_SUBTREES:
+    node = _get(saved, subtree)
+    if node is not _MISSING:
+      keys += [k for k in _leaves(node, subtree) if k not in _DERIVED]
+  diffs = []
+  for key in keys:
+    old, new = _get(saved, key), _get(config, key)
+    if old is _MISSING or new is _MISSING:
+      continue
+    old, new = _plain(old), _plain(new)
+    if old != new:
+      diffs.append((key, old, new))
+  return diffs
+
+
+def check_resume(config: mlc.ConfigDict, workdir: pathlib.Path,
+                 step: int) -> None:
+  """A run resuming `workdir` at `step` keeps the model and data settings
+  of the run that wrote it (its config.json); otherwise one line naming the
+  first differing key, both values and the overrides that would work."""
+  try:
+    saved = json.loads((workdir / checkpoints.CONFIG_FILE).read_text())
+  except (OSError, ValueError):
+    return  # Nothing to compare: the tensors are still checked on restore.
+  diffs = resume_differences(config, saved)
+  if not diffs:
+    return
+  key, old, new = diffs[0]
+  fix = {k: v for k, v, _ in diffs}
+  for k, v, _ in diffs:
+    tied = _TIED.get(k)
+    if tied and tied not in fix and _get(config, tied) not in (_MISSING, v):
+      fix[tied] = v  # e.g. a converted workdir's config.json has no `data`
+  fixes = " ".join(f"--config.{k}={cli_value(v)}"
+                   for k, v in list(fix.items())[:6])
+  more = f" (and {len(fix) - 6} more)" if len(fix) > 6 else ""
+  raise ConfigError(
+      f"workdir {workdir} ({checkpoints.CHECKPOINTS_DIR}/{step}) was trained "
+      f"with {key}={old!r}; this config has {new!r}: pass {fixes}{more} or "
+      "use a new --workdir")
+
+
 def save(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
   path = pathlib.Path(workdir) / checkpoints.CONFIG_FILE
   path.write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -150,3 +256,95 @@ def load(workdir: str | pathlib.Path) -> mlc.ConfigDict:
     raise ConfigError(f"{path} not found: is {workdir} a workdir made by "
                       "train.py or convert_torch_ckpt.py?")
   return mlc.ConfigDict(json.loads(path.read_text()))
+
+
+# --------------------------------------------------------------------------
+# Command-line overrides (`--config.train.batch_size=16`).
+# --------------------------------------------------------------------------
+
+_OVERRIDE = re.compile(r"--(?:no)?config\.([^=\s]+)")
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  if len(lines) > 1:  # e.g. "...config file:", a traceback, "ValueError: ..."
+    text = f"{lines[0].rstrip(':')}: {lines[-1]}"
+  elif lines:
+    text = lines[0]
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def unknown_key(config: Any, dotted: str) -> str | None:
+  """'unknown config key train.batchsize; did you mean train.batch_size?'
+  for an override path the config lacks; None when it has it."""
+  node, done = config, []
+  parts = dotted.split(".")
+  for i, part in enumerate(parts):
+    name = part.split("[")[0]
+    if not hasattr(node, "keys"):
+      return (f"config key {'.'.join(done)} holds {_one_line(repr(node), 60)} "
+              f"({type(node).__name__}), it has no field {name!r}")
+    keys = [str(k) for k in node.keys()]
+    if name not in keys:
+      rest = [p.split("[")[0] for p in parts[i + 1:]]
+      full = ".".join(done + [name] + rest)
+      close = difflib.get_close_matches(name, keys, n=1)
+      if close:
+        return (f"unknown config key {full}; did you mean "
+                f"{'.'.join(done + close + rest)}?")
+      where = ".".join(done) or "the config"
+      return (f"unknown config key {full}; {where} has: "
+              f"{_one_line(', '.join(sorted(keys)), 300)}")
+    node = node[name]
+    done.append(name)
+    if "[" in part:
+      return None  # An index into a sequence: left to ml_collections.
+  return None
+
+
+def _config_path_from_argv(argv: Sequence[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def flag_error(argv: Sequence[str], error: BaseException) -> str:
+  """One line for an error raised while absl parses a `--config` flag file
+  and its overrides (ml_collections raises AttributeError / KeyError with a
+  multi-line message for an unknown key, flags.Error for a bad value)."""
+  config = None
+  path = _config_path_from_argv(argv)
+  if path:
+    try:  # The file alone, without the overrides, to walk them.
+      # pylint: disable=g-import-not-at-top
+      from absl import flags
+      from ml_collections import config_flags
+      # pylint: enable=g-import-not-at-top
+      fv = flags.FlagValues()
+      argv0 = ["train.py", f"--config={path}"]
+      config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv0)
+      fv(argv0)
+      config = fv.config
+    except Exception:  # pylint: disable=broad-except
+      config = None
+    if not isinstance(config, mlc.ConfigDict):
+      config = None
+  if config is not None:
+    for arg in argv:
+      m = _OVERRIDE.match(arg)
+      if m and (message := unknown_key(config, m.group(1))):
+        return message
+  text = str(error)
+  m = re.match(r"flag --config\.([^=\s]+)=(.*?): (.*)", text, re.S)
+  if m and config is not None:  # A value of the wrong type.
+    current = _get(config, m.group(1))
+    if current is not _MISSING:
+      return (f"--config.{m.group(1)}={m.group(2)}: {_one_line(m.group(3))}; "
+              f"the config's value is {current!r} ({type(current).__name__})")
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if isinstance(error, OSError) and path and lines:  # The file did not load.
+    return f"cannot load --config={path}: {lines[-1]}"
+  return _one_line(text)

@@ -119,6 +119,12 @@ def _one_line(text: Any, limit: int = 200) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _describe(err: BaseException, limit: int = 120) -> str:
+  """'TypeName: message' (just the name when the message is empty)."""
+  text = _one_line(err, limit)
+  return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def _short_repr(obj: Any) -> str:
   """Repr that cannot recurse: containers are summarised by type."""
   if isinstance(obj, (str, bytes, int, float, bool, type(None))):
@@ -521,7 +527,8 @@ class _Archive:
       try:
         raw = np.frombuffer(self._zf.read(name), dtype=np.uint8)
       except (zipfile.BadZipFile, zlib.error, OSError, EOFError,
-              NotImplementedError) as err:
+              NotImplementedError, RuntimeError) as err:  # RuntimeError:
+        # an encrypted entry; NotImplementedError: unknown compression.
         raise _Problem(f"zip entry {name!r} is corrupt ({_one_line(err)}); "
                        "re-download or re-save the checkpoint") from None
     self._raw[key] = raw
@@ -711,7 +718,9 @@ def _load(path: str | os.PathLike[str]) -> Any:
         data = zf.read(pkl_info)
         byteorder = (zf.read(prefix + "byteorder").strip()
                      if prefix + "byteorder" in zf.NameToInfo else b"little")
-      except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+      except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError,
+              NotImplementedError, RuntimeError) as err:
+        # NotImplementedError: unknown compression; RuntimeError: encrypted.
         raise _Problem(f"corrupt zip entry ({_one_line(err)}); re-download or "
                        "re-save the checkpoint") from None
       if byteorder not in (b"little", b"big"):
@@ -735,8 +744,8 @@ def _load(path: str | os.PathLike[str]) -> Any:
         # Anything else the file's bytes provoke (bad opcodes, wrong argument
         # types, a corrupt compressed entry, ...) is a corrupt checkpoint.
         raise _Problem(
-            f"corrupt or unsupported pickle in data.pkl ({type(err).__name__}: "
-            f"{_one_line(err, 120)})") from err
+            f"corrupt or unsupported pickle in data.pkl ({_describe(err)})"
+        ) from err
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Any:
@@ -758,6 +767,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     return _load(path)
   except _Problem as problem:
     raise CheckpointError(f"{label}: {problem}") from problem.__cause__
+  except Exception as err:  # pylint: disable=broad-except
+    # Whatever else a hostile file provokes (in zipfile, mmap, ...) is still
+    # a refused file, in one line, never a traceback.
+    raise CheckpointError(
+        f"{label}: unreadable checkpoint ({_describe(err)})") from err
 
 
 def _is_flat_state_dict(obj: Any) -> bool:

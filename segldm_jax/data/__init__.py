@@ -6,6 +6,8 @@ one-hot only on the device (``one_hot_labels``).
 """
 from segldm_jax.data.base import (DataError, IGNORE_ID, MAX_CLASSES,
                                   PairSource, check_num_classes, load_record)
+from segldm_jax.data.check import (BadRecordLog, CheckReport, check_data,
+                                   check_source)
 from segldm_jax.data.device import images_to_model_range, one_hot_labels
 from segldm_jax.data.folder import DecodePair, FolderSource
 from segldm_jax.data.labels import LabelSpec
@@ -17,10 +19,10 @@ from segldm_jax.data.transforms import (CenterCrop, RandomCrop,
                                         ResizeShorterSide)
 
 __all__ = [
-    "CenterCrop", "DataError", "DecodePair", "FolderSource", "IGNORE_ID",
-    "LabelSpec", "MAX_CLASSES", "PairSource", "RandomCrop",
-    "RandomHorizontalFlip", "ResizeShorterSide", "SyntheticSource",
-    "TfdsSource", "check_num_classes", "class_colours",
-    "images_to_model_range", "load_record", "make_dataset", "make_source",
-    "one_hot_labels",
+    "BadRecordLog", "CenterCrop", "CheckReport", "DataError", "DecodePair",
+    "FolderSource", "IGNORE_ID", "LabelSpec", "MAX_CLASSES", "PairSource",
+    "RandomCrop", "RandomHorizontalFlip", "ResizeShorterSide",
+    "SyntheticSource", "TfdsSource", "check_data", "check_num_classes",
+    "check_source", "class_colours", "images_to_model_range", "load_record",
+    "make_dataset", "make_source", "one_hot_labels",
 ]

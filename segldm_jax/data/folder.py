@@ -24,6 +24,9 @@ from segldm_jax.data.labels import LabelSpec
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MASK_EXTENSIONS = (".png",)
 _SHOWN = 5  # unpaired files listed in an error message
+# Decode failures PIL raises (truncated files are OSError as long as
+# ImageFile.LOAD_TRUNCATED_IMAGES stays False, PIL's default).
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _log = logging.getLogger(__name__)
 
 
@@ -63,11 +66,15 @@ def _listing(keys: list[str], files: dict[str, str]) -> str:
 
 
 def read_image(path: str) -> np.ndarray:
-  """RGB uint8 (H, W, 3); grey, palette and alpha images are converted."""
+  """RGB uint8 (H, W, 3); grey, palette and alpha images are converted.
+
+  The whole file is decoded here (``convert`` loads it), so a corrupt or
+  truncated image fails now, not later as a grey patch.
+  """
   try:
     with Image.open(path) as image:
       return np.asarray(image.convert("RGB"))
-  except (OSError, SyntaxError, ValueError) as e:
+  except _PIL_ERRORS as e:
     raise DataError(f"cannot read image {path}: {e}") from e
 
 
@@ -86,7 +93,9 @@ def read_mask(path: str, spec: LabelSpec) -> np.ndarray:
         raise DataError(
             f"{path}: mask has mode {mode}; expected a single-channel label "
             f"map (L, P or 16-bit), or pass palette= to map RGB colours to ids")
-  except (OSError, SyntaxError) as e:
+  except DataError:
+    raise
+  except _PIL_ERRORS as e:
     raise DataError(f"cannot read mask {path}: {e}") from e
   return spec.to_ids(values, path)
 

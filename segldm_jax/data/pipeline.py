@@ -12,13 +12,15 @@ iterator continues at exactly the next batch.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from absl import flags
 import grain
 import numpy as np
 
-from segldm_jax.data.base import DataError, PairSource
+from segldm_jax.data.base import DataError, PairSource, load_record
+from segldm_jax.data.check import RECORD_ERRORS, SKIPPED
 from segldm_jax.data.folder import FolderSource
 from segldm_jax.data.synthetic import SyntheticSource
 from segldm_jax.data.tfds_source import TfdsSource
@@ -33,6 +35,34 @@ def _derived_seed(seed: int, shard_index: int, purpose: int) -> int:
              .generate_state(1)[0])
 
 
+BAD_RECORD_MODES = ("error", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOrSkip(grain.transforms.Map):
+  """Source index -> decoded record; a bad record gives the next good one.
+
+  Records ``i, i+1, ...`` (mod length) are tried in turn, so the stream stays
+  a pure function of the index (deterministic and resumable) and batches
+  keep their shape. The record carries ``SKIPPED``: ``i`` if record ``i``
+  was bad, else -1 (int32), for the host to count; a bad ``i+1`` tried
+  here is counted where its own index comes up.
+  """
+
+  source: Any
+
+  def map(self, index: int) -> dict[str, Any]:
+    n = len(self.source)
+    for k in range(n):
+      try:
+        record = load_record(self.source, (index + k) % n)
+      except RECORD_ERRORS:
+        continue
+      return {**record, SKIPPED: np.int32(index if k else -1)}
+    raise DataError(f"{self.source!r}: all {n} records are bad; run "
+                    f"train.py --check_data to see why")
+
+
 def make_dataset(source: PairSource, *, image_size: int, batch_size: int,
                  seed: int, train: bool = True,
                  shard_index: int | None = None,
@@ -40,6 +70,7 @@ def make_dataset(source: PairSource, *, image_size: int, batch_size: int,
                  drop_remainder: bool = True,
                  read_options: grain.ReadOptions | None = None,
                  start_batch: int = 0,
+                 bad_records: str = "error",
                  ) -> grain.IterDataset:
   """Builds the batched grain pipeline of one process.
 
@@ -62,10 +93,15 @@ def make_dataset(source: PairSource, *, image_size: int, batch_size: int,
       the stream is a pure function of (seed, batch index), so this lands
       on exactly the batch an uninterrupted run would see next, whatever
       the process or worker count was before.
+    bad_records: "error": a record that fails to decode raises its
+      ``DataError`` (naming the file). "skip": it is replaced by the next
+      good record (``LoadOrSkip``) and the batch gets an int32 (B,) field,
+      ``check.SKIPPED``, that ``check.BadRecordLog`` takes off and counts on
+      the host. Same images and labels as "error" when no record is bad.
 
   Returns:
     A ``grain.IterDataset`` of ``{"image": uint8 (B, S, S, 3),
-    "labels": uint8 (B, S, S)}``.
+    "labels": uint8 (B, S, S)}`` (plus ``check.SKIPPED`` in skip mode).
   """
   if shard_index is None or shard_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -76,7 +112,14 @@ def make_dataset(source: PairSource, *, image_size: int, batch_size: int,
   if batch_size < 1 or image_size < 1:
     raise ValueError(f"batch_size and image_size must be >= 1, got "
                      f"{batch_size}, {image_size}")
-  ds = grain.MapDataset.source(source)
+  if bad_records not in BAD_RECORD_MODES:
+    raise ValueError(f"bad_records must be one of {BAD_RECORD_MODES}, got "
+                     f"{bad_records!r}")
+  skip = bad_records == "skip"
+  # Skip mode streams indices, so a bad one can be swapped for the next;
+  # shuffling indices gives the same permutation as shuffling the source.
+  ds = (grain.MapDataset.range(len(source)) if skip
+        else grain.MapDataset.source(source))
   if len(ds) < shard_count and not train:
     raise DataError(f"{source!r} has {len(ds)} records, fewer than the "
                     f"{shard_count} processes")
@@ -84,7 +127,9 @@ def make_dataset(source: PairSource, *, image_size: int, batch_size: int,
     # Shuffle before repeat: every epoch is a fresh permutation.
     ds = ds.shuffle(seed=_derived_seed(seed, 0, 0)).repeat(None)
   decoder = getattr(source, "decoder", None)
-  if decoder is not None:
+  if skip:
+    ds = ds.map(LoadOrSkip(source))
+  elif decoder is not None:
     ds = ds.map(decoder)
   ds = ds.map(ResizeShorterSide(image_size))
   if train:
@@ -140,6 +185,8 @@ def make_source(data_config: Any) -> PairSource:
   * ``palette``: palette file for RGB colour masks (folder, tfds).
   * ``remap``: dict or JSON path, stored value -> class id (folder, tfds).
   * folder: ``image_dir``, ``mask_dir``, ``skip_unpaired`` (bool).
+  * ``bad_records`` ("error" | "skip") is not read here but passed to
+    ``make_dataset``.
   * tfds: ``tfds_name``, ``tfds_split`` (default "train"),
     ``tfds_data_dir``, ``image_key`` (default "image"), ``mask_key``
     (default "segmentation_mask").
