@@ -255,7 +255,8 @@ def main(argv):
 
   generate = jax.jit(functools.partial(
       sampling.generate, ldm, sampler=config.sample.sampler,
-      steps=config.sample.steps, eta=config.sample.eta, mask_stages=mask_stages))
+      steps=config.sample.steps, eta=config.sample.eta, mask_stages=mask_stages,
+      guidance_scale=float(config.sample.get("guidance_scale", 1.0))))
   preview_labels_dev = jax.device_put(preview_labels, repl)
 
   def write_samples(step: int) -> None:

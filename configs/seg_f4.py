@@ -137,6 +137,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.train.ema_decay = 0.9999
   c.train.compute_dtype = "float32"  # or bfloat16 (params stay float32)
   c.train.nonfinite = "stop"        # stop | skip a non-finite step
+  c.train.cond_drop_prob = 0.0      # classifier-free guidance: drop the mask
+  c.train.region_drop_prob = 0.0    # "don't care" a random box of the mask
   c.train.log_every = 50
   c.train.checkpoint_every = 2000
   c.train.keep_checkpoints = 3
@@ -149,6 +151,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.sample.steps = 200              # the reference's log_images default
   c.sample.eta = 1.0
   c.sample.num_masks = 8
+  c.sample.guidance_scale = 1.0     # on the mask; needs train.cond_drop_prob
 
   # --- mesh and sharding (big_vision style rule lists) ---------------------
   # Tuples, so that the command line can override them:
@@ -200,6 +203,13 @@ def _demo(c):
   c.train.log_every = 25
   c.train.checkpoint_every = 400
   c.train.sample_every = 600
+  # Classifier-free guidance on the mask: 64 masks x 2 seeds score mIoU
+  # 0.62 / 0.65 unguided and 0.68 / 0.72 at scale 2 (3 is past the peak).
+  c.train.cond_drop_prob = 0.1
+  c.sample.guidance_scale = 2.0
+  # Partial masks: a quarter of the masks have a "don't care" box, so the
+  # model learns to fill such holes from their surroundings.
+  c.train.region_drop_prob = 0.25
   c.sample.steps = 25
   c.sample.sampler = "dpmpp_2m"
   c.sample.eta = 0.0

@@ -111,6 +111,12 @@ def validate(config: mlc.ConfigDict) -> dict[str, int]:
                       f"multiple of train.grad_accum={t.grad_accum}")
   if t.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"train.nonfinite={t.nonfinite!r}; use 'stop' or 'skip'")
+  if not 0.0 <= float(t.get("region_drop_prob", 0.0)) <= 1.0:
+    raise ConfigError(f"train.region_drop_prob={t.region_drop_prob} must be "
+                      "in [0, 1]: e.g. 0.25 to teach partial masks, 0 = off")
+  if not 0.0 <= float(t.get("cond_drop_prob", 0.0)) < 1.0:
+    raise ConfigError(f"train.cond_drop_prob={t.cond_drop_prob} must be in "
+                      "[0, 1): 0.1 for classifier-free guidance, 0 = reference")
   if t.get("lr_schedule", "constant") not in ("constant", "cosine"):
     raise ConfigError(f"train.lr_schedule={t.lr_schedule!r}; use 'constant' "
                       "or 'cosine'")

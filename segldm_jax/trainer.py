@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from segldm_jax.data import device as data_device
+from segldm_jax.data.base import IGNORE_ID
 from segldm_jax.diffusion import objective
 from segldm_jax.models.ldm import LatentDiffusion
 
@@ -116,6 +117,10 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
   `grad_accum` = k the batch is processed as k interleaved micro-batches
   (rows i, i+k, ...) so each stays spread over all devices. `mask_stages`
   area-halvings bring image-size labels to data.mask_size first.
+  `cond_drop_prob` = p replaces each sample's conditioning by zeros with
+  probability p (classifier-free guidance; 0 = the reference);
+  `region_drop_prob` = q marks a random rectangle of each sample's mask
+  "don't care" with probability q, so partial masks are in-distribution.
   """
   schedule = ldm.schedule()
   settings = ldm.settings
@@ -123,10 +128,16 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
   max_decay = float(train_cfg.get("ema_decay", 0.9999))
   compute_dtype = jnp.dtype(train_cfg.get("compute_dtype", "float32"))
   skip_nonfinite = train_cfg.get("nonfinite", "stop") == "skip"
+  cond_drop = float(train_cfg.get("cond_drop_prob", 0.0))
+  region_drop = float(train_cfg.get("region_drop_prob", 0.0))
 
-  def loss_fn(params, z, labels, t, noise, dropout_key):
+  def loss_fn(params, z, labels, t, noise, keep, dropout_key):
     c = ldm.cond_stage.apply({"params": params["cond_stage"]}, labels,
                              mask_stages, method="from_labels")
+    # Classifier-free guidance: a dropped sample sees the all-zero
+    # conditioning, exactly what an all-ignore mask gives (the rescaler has
+    # no bias), so "unconditional" and "don't care" are one learned input.
+    c = c * keep[:, None, None, None]
     x_t = objective.q_sample(schedule, z, t, noise)
     unet_params = jax.tree.map(lambda p: p.astype(compute_dtype), params["unet"])
     out = ldm.denoise(unet_params, x_t.astype(compute_dtype), t,
@@ -143,7 +154,8 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch, first_stage_params, rng):
-    k_t, k_noise, k_drop = jax.random.split(jax.random.fold_in(rng, state.step), 3)
+    step_key = jax.random.fold_in(rng, state.step)
+    k_t, k_noise, k_drop = jax.random.split(step_key, 3)
     image = data_device.images_to_model_range(batch["image"])
     # The first stage is frozen: no gradient, and it trains nothing.
     z = jax.lax.stop_gradient(ldm.encode(first_stage_params, image))
@@ -151,7 +163,17 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
     # into micro-batches changes memory, not the update.
     t = jax.random.randint(k_t, (z.shape[0],), 0, schedule.num_timesteps)
     noise = jax.random.normal(k_noise, z.shape, jnp.float32)
-    inputs = (z, batch["labels"], t, noise)
+    if cond_drop > 0:
+      keep = jax.random.bernoulli(jax.random.fold_in(step_key, 1),
+                                  1.0 - cond_drop, (z.shape[0],))
+      keep = keep.astype(jnp.float32)
+    else:  # the reference recipe: no extra random draw, c * 1 is exact
+      keep = jnp.ones((z.shape[0],), jnp.float32)
+    labels = batch["labels"]
+    if region_drop > 0:
+      labels = drop_regions(jax.random.fold_in(step_key, 2), labels,
+                            region_drop)
+    inputs = (z, labels, t, noise, keep)
     if accum == 1:
       (loss, parts), grads = grad_fn(state.params, *inputs, k_drop)
     else:
@@ -194,6 +216,25 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
     return new, metrics
 
   return step
+
+
+def drop_regions(key: jax.Array, labels: jax.Array, prob: float) -> jax.Array:
+  """With probability `prob` per sample, one random rectangle (each side
+  1/4 to 3/4 of the map's) of the label map becomes IGNORE_ID."""
+  b, h, w = labels.shape
+  k_on, k_size, k_pos = jax.random.split(key, 3)
+  on = jax.random.bernoulli(k_on, prob, (b, 1, 1))
+  frac = jax.random.uniform(k_size, (b, 2), minval=0.25, maxval=0.75)
+  size = jnp.round(frac * jnp.asarray([h, w])).astype(jnp.int32)
+  start = jnp.floor(jax.random.uniform(k_pos, (b, 2)) *
+                    (jnp.asarray([h, w]) - size + 1)).astype(jnp.int32)
+  ys = jnp.arange(h)[None, :, None]
+  xs = jnp.arange(w)[None, None, :]
+  inside = ((ys >= start[:, 0, None, None]) &
+            (ys < (start + size)[:, 0, None, None]) &
+            (xs >= start[:, 1, None, None]) &
+            (xs < (start + size)[:, 1, None, None]))
+  return jnp.where(on & inside, jnp.asarray(IGNORE_ID, labels.dtype), labels)
 
 
 def _zero_parts():

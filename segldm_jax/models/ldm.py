@@ -65,13 +65,30 @@ class LatentDiffusion:
     """One-hot mask at image resolution -> conditioning at latent resolution."""
     return self.cond_stage.apply({"params": cond_params}, mask)
 
-  def model_fn(self, unet_params: Params, c: jax.Array) -> jax.tree_util.Partial:
+  def model_fn(self, unet_params: Params, c: jax.Array,
+               guidance_scale: float = 1.0) -> jax.tree_util.Partial:
     """`(x_t, t) -> model output` for the samplers, with params and the
-    conditioning as traced leaves (so a sampler compiles once per shape)."""
-    return jax.tree_util.Partial(self._denoise_given, unet_params, c)
+    conditioning as traced leaves (so a sampler compiles once per shape).
+
+    guidance_scale s != 1: classifier-free guidance on the mask,
+    uncond + s * (cond - uncond), where "uncond" is the all-zero conditioning
+    the model saw for dropped masks (train.cond_drop_prob). Both passes run
+    as one batch of 2B.
+    """
+    if guidance_scale == 1.0:
+      return jax.tree_util.Partial(self._denoise_given, unet_params, c)
+    return jax.tree_util.Partial(self._denoise_guided, unet_params, c,
+                                 jnp.asarray(guidance_scale, jnp.float32))
 
   def _denoise_given(self, unet_params, c, x_t, t):
     return self.denoise(unet_params, x_t, t, c)
+
+  def _denoise_guided(self, unet_params, c, scale, x_t, t):
+    out = self.denoise(unet_params, jnp.concatenate([x_t, x_t]),
+                       jnp.concatenate([t, t]),
+                       jnp.concatenate([c, jnp.zeros_like(c)]))
+    cond, uncond = jnp.split(out.astype(jnp.float32), 2)
+    return uncond + scale * (cond - uncond)
 
   def denoise(self, unet_params: Params, x_t: jax.Array, t: jax.Array,
               c: jax.Array, train: bool = False, rngs=None) -> jax.Array:
