@@ -66,7 +66,9 @@ def geometry(config: mlc.ConfigDict) -> dict[str, int]:
   if int(rescaler.in_channels) != int(config.data.num_classes):
     raise ConfigError(
         f"{pre}cond_stage_config.params.in_channels={rescaler.in_channels} but "
-        f"data.num_classes={config.data.num_classes}; they must be equal")
+        f"data.num_classes={config.data.num_classes}; they must be equal: set "
+        f"--config.{pre}cond_stage_config.params.in_channels="
+        f"{config.data.num_classes}")
   cond_ch = rescaler.get("out_channels") or rescaler.in_channels
   want_in = int(vq.embed_dim) + int(cond_ch)
   if int(unet.in_channels) != want_in:

@@ -170,6 +170,19 @@ def test_mesh_that_does_not_divide_the_batch():
   run_config.check_mesh(_config(batch_size=16), processes=1)
 
 
+def test_class_count_that_contradicts_the_rescaler_names_the_fix():
+  c = seg_f4.get_config("tiny")
+  c.data.source = "synthetic"
+  c.first_stage.allow_random_init = True
+  c.data.num_classes = 3
+  with pytest.raises(run_config.ConfigError) as e:
+    run_config.validate(c)
+  assert str(e.value) == (
+      "model.params.cond_stage_config.params.in_channels=182 but "
+      "data.num_classes=3; they must be equal: set "
+      "--config.model.params.cond_stage_config.params.in_channels=3")
+
+
 # ---------------------------------------------------------------------------
 # 3. Resuming: the workdir's config.json and its saved tensors.
 # ---------------------------------------------------------------------------
