@@ -159,7 +159,6 @@ def main(argv=None) -> int:
     sys.exit(f"error: --size {size} is not a multiple of {step_px} (the "
              "first stage's factor x the UNet's and the mask's halvings); "
              f"use {size // step_px * step_px or step_px}")
-  factor = ldm.downsample_factor * 2 ** mask_stages
 
   try:
     params, step = checkpoints.restore_params(workdir, ldm, use_ema=args.ema)
@@ -208,7 +207,7 @@ def main(argv=None) -> int:
 
   tiled = size > train_size and args.large == "tiles"
   if tiled:
-    tile = train_size // factor
+    tile = train_size // ldm.downsample_factor  # the training latent
     overlap = tile // 4 if args.tile_overlap is None else args.tile_overlap
     run = functools.partial(sampling.generate_tiled, tile=tile,
                             overlap=overlap, **opts)

@@ -112,8 +112,12 @@ def main(argv):
     mgr = checkpoints.train_checkpoint_manager(workdir, config.train)
     start_step = mgr.latest_step() or 0
     # Shapes only (no weights): what saved tensors and free space are
-    # checked against, before the first stage or a sample is written.
+    # checked against, before the first stage or a sample is written; the
+    # Sharding section derives the state's shardings from the same.
+    optimizer = trainer.make_optimizer(config.train)
     param_shapes = checkpoints.ldm_param_shapes(build.build_model(config.model))
+    abstract_state = jax.eval_shape(
+        lambda p: trainer.init_state(p, optimizer), param_shapes)
     saved_config = None  # the Model section overwrites it; kept for errors
     if start_step:
       run_config.check_resume(config, workdir, start_step)
@@ -128,9 +132,7 @@ def main(argv):
   # Fails now, not at a save hours later; a save that fails anyway (a disk
   # filled meanwhile) ends the run in one line too (see checkpoints).
   checkpoints.check_free_space(
-      workdir, checkpoints.tree_nbytes(jax.eval_shape(
-          lambda p: trainer.init_state(p, trainer.make_optimizer(config.train)),
-          param_shapes)),
+      workdir, checkpoints.tree_nbytes(abstract_state),
       keep=config.train.keep_checkpoints, existing=len(mgr.all_steps()))
   logging.info("workdir %s; %d process(es), %d device(s): %s", workdir,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
@@ -190,8 +192,6 @@ def main(argv):
   # ===================================================================== #
   #                                Sharding                               #
   # ===================================================================== #
-  optimizer = trainer.make_optimizer(config.train)
-
   def init_state(rng):
     k_unet, k_cond = jax.random.split(rng)
     params = {"unet": build.init_params(ldm.unet, k_unet),
@@ -199,7 +199,6 @@ def main(argv):
     return trainer.init_state(params, optimizer)
 
   rng = jax.random.key(config.seed)
-  abstract_state = jax.eval_shape(init_state, rng)
   state_shardings = parallel.shardings_from_rules(
       abstract_state, mesh, config.sharding_rules)
   logging.info("parameters:\n%s", parallel.describe(

@@ -27,10 +27,10 @@ def _max_filter(mask: np.ndarray, radius: int) -> np.ndarray:
   return out
 
 
-def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
-  # Outside the image counts as inside the region: an edit touching the
-  # border should not fade out towards it.
-  return ~_max_filter(~mask, radius)
+def _erode(mask: np.ndarray) -> np.ndarray:
+  """3x3 binary erosion. Outside the image counts as inside the region: an
+  edit touching the border should not fade out towards it."""
+  return ~_max_filter(~mask, 1)
 
 
 def edit_masks(old_labels: np.ndarray, new_labels: np.ndarray, factor: int,
@@ -63,8 +63,13 @@ def edit_masks(old_labels: np.ndarray, new_labels: np.ndarray, factor: int,
   region = _max_filter(changed, margin)
   cells = region.reshape(b, h // factor, factor, w // factor, factor)
   regen = cells.any((2, 4))
-  depth = sum(_erode(region, k).astype(np.float32)
-              for k in range(1, margin + 1))
+  # Depth = how many 3x3 erosions a pixel survives (k of them = one
+  # (2k+1)-square erosion), capped at margin.
+  depth = np.zeros(region.shape, np.float32)
+  inner = region
+  for _ in range(margin):
+    inner = _erode(inner)
+    depth += inner
   weight = np.where(region, (1.0 + depth) / (1.0 + margin), 0.0)
   weight = np.minimum(weight, 1.0).astype(np.float32)
   keep = (~regen).astype(np.float32)[..., None]

@@ -134,10 +134,11 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
   def loss_fn(params, z, labels, t, noise, keep, dropout_key):
     c = ldm.cond_stage.apply({"params": params["cond_stage"]}, labels,
                              mask_stages, method="from_labels")
-    # Classifier-free guidance: a dropped sample sees the all-zero
-    # conditioning, exactly what an all-ignore mask gives (the rescaler has
-    # no bias), so "unconditional" and "don't care" are one learned input.
-    c = c * keep[:, None, None, None]
+    if cond_drop > 0:
+      # Classifier-free guidance: a dropped sample sees the all-zero
+      # conditioning, exactly what an all-ignore mask gives (the rescaler
+      # has no bias), so "unconditional" and "don't care" are one input.
+      c = c * keep[:, None, None, None]
     x_t = objective.q_sample(schedule, z, t, noise)
     unet_params = jax.tree.map(lambda p: p.astype(compute_dtype), params["unet"])
     out = ldm.denoise(unet_params, x_t.astype(compute_dtype), t,
@@ -167,7 +168,7 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
       keep = jax.random.bernoulli(jax.random.fold_in(step_key, 1),
                                   1.0 - cond_drop, (z.shape[0],))
       keep = keep.astype(jnp.float32)
-    else:  # the reference recipe: no extra random draw, c * 1 is exact
+    else:  # the reference recipe: no random draw; loss_fn ignores keep
       keep = jnp.ones((z.shape[0],), jnp.float32)
     labels = batch["labels"]
     if region_drop > 0:

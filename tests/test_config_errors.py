@@ -201,24 +201,19 @@ def workdir16(tmp_path_factory):
   return wd, mgr
 
 
-def test_resume_with_other_class_count_names_key_and_fix(workdir16):
+@pytest.mark.parametrize("num_classes, model_channels, message", [
+    (182, 32, "data.num_classes=16; this config has 182: pass "
+              f"--config.data.num_classes=16 --config.{CS}.in_channels=16"),
+    (16, 64, f"{UNET}.model_channels=32; this config has 64: pass "
+             f"--config.{UNET}.model_channels=32"),
+], ids=["class_count", "width"])
+def test_resume_with_other_model_names_key_and_fix(workdir16, num_classes,
+                                                   model_channels, message):
   wd, _ = workdir16
   with pytest.raises(run_config.ConfigError) as e:
-    run_config.check_resume(_config(182), wd, 400)
-  assert str(e.value) == (
-      f"workdir {wd} (checkpoints/400) was trained with data.num_classes=16; "
-      f"this config has 182: pass --config.data.num_classes=16 "
-      f"--config.{CS}.in_channels=16 or use a new --workdir")
-
-
-def test_resume_with_other_width_names_key_and_fix(workdir16):
-  wd, _ = workdir16
-  with pytest.raises(run_config.ConfigError) as e:
-    run_config.check_resume(_config(16, model_channels=64), wd, 400)
-  assert str(e.value) == (
-      f"workdir {wd} (checkpoints/400) was trained with "
-      f"{UNET}.model_channels=32; this config has 64: pass "
-      f"--config.{UNET}.model_channels=32 or use a new --workdir")
+    run_config.check_resume(_config(num_classes, model_channels), wd, 400)
+  assert str(e.value) == (f"workdir {wd} (checkpoints/400) was trained with "
+                          f"{message} or use a new --workdir")
 
 
 def test_resume_with_same_model_and_other_training_settings_is_fine(workdir16):
