@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segldm_jax.models import winograd
+
 Dtype = Any
 
 
@@ -59,7 +61,8 @@ def conv3x3(features: int, dtype: Dtype, name: str, stride: int = 1,
   flavours pad differently). `zero_init` mirrors openaimodel's zero_module."""
   kw = {"kernel_init": nn.initializers.zeros} if zero_init else {}
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding,
-                 dtype=dtype, name=name, **kw)
+                 dtype=dtype, name=name,
+                 conv_general_dilated=winograd.conv_general_dilated, **kw)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
