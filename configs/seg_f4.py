@@ -21,10 +21,10 @@ Variants (`--config configs/seg_f4.py:VARIANT`):
         then a small LDM; all in one command (`make demo`):
           python train.py --config configs/seg_f4.py:demo --workdir workdirs/demo
         Hardware: 2 CPU cores. Measured (BENCHMARKS.md): `make demo` on a
-        fresh clone 10 min 25 s (venv, VQ 1200 steps on 32x32 crops 3.4 min,
-        LDM 1200 steps at batch 16 6.2 min, sampling), then
+        fresh clone 10 min 1 s (venv, VQ 1200 steps on 32x32 crops 3.2 min,
+        LDM 1200 steps at batch 16 5.9 min, sampling), then
         `python sample.py --workdir workdirs/demo` scores mask-adherence
-        mIoU 0.65 over 16 masks at guidance scale 2 (chance 1/16; 0.67 /
+        mIoU 0.64 over 16 masks at guidance scale 2 (chance 1/16; 0.66 /
         0.71 over 64 masks with seeds 0 / 1).
   tiny  The reference recipe at reduced width for tests and smoke runs
         (same structure: attention only in the middle, 2 rescaler stages).
