@@ -50,8 +50,8 @@ def _jaxprs_in(params: dict[str, Any]):
 
 
 def _winograd_as_direct_flops(eqn) -> int:
-  x, kernel = (v.aval for v in eqn.invars)
-  return 2 * math.prod(eqn.outvars[0].aval.shape) * 9 * x.shape[-1]
+  in_channels = eqn.invars[0].aval.shape[-1]
+  return 2 * math.prod(eqn.outvars[0].aval.shape) * 9 * in_channels
 
 
 def count_jaxpr(jaxpr, model: bool = True) -> int:
