@@ -16,9 +16,10 @@ import sys
 import time
 import traceback
 
+from segldm_jax import layout
 from segldm_jax import checkpoints
 from segldm_jax import convert
-from segldm_jax import infer_config
+from segldm_jax.convert import infer_config
 
 
 def _one_line(text: str, limit: int = 1000) -> str:
@@ -76,11 +77,11 @@ def main(argv=None) -> int:
 
   try:
     if conv.kind == "ldm":
-      checkpoints.save_model_dir(out / checkpoints.FIRST_STAGE_DIR,
+      checkpoints.save_model_dir(out / layout.FIRST_STAGE_DIR,
                                  conv.node["params"]["first_stage_config"],
                                  conv.params["first_stage"])
       config = {"model": conv.node,
-                "first_stage": {"checkpoint": checkpoints.FIRST_STAGE_DIR},
+                "first_stage": {"checkpoint": layout.FIRST_STAGE_DIR},
                 "converted_from": str(args.checkpoint.absolute())}
       step = int(conv.meta.get("global_step", 0))
       checkpoints.save_converted_workdir(

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from segldm_jax import errors
 from segldm_jax import checkpoints
 from segldm_jax import editing
 from segldm_jax import evaluate
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
 
   try:
     params, step = checkpoints.restore_params(workdir, ldm, use_ema=args.ema)
-  except checkpoints.CheckpointMismatchError as e:
+  except errors.CheckpointMismatchError as e:
     sys.exit(f"error: {e}")
   found = first_stage_lib.load_existing(config, workdir)
   if found is None:

@@ -29,13 +29,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
+from segldm_jax import saved_shapes
+from segldm_jax import layout
+from segldm_jax import errors
 from segldm_jax import checkpoints
 from segldm_jax import first_stage as first_stage_lib
 from segldm_jax import metrics as metrics_lib
 from segldm_jax import parallel
 from segldm_jax import run_config
 from segldm_jax import sampling
-from segldm_jax import trainer
+from segldm_jax import ldm_training
 from segldm_jax import xla_cpu
 from segldm_jax import viz
 from segldm_jax.data import check as data_check
@@ -108,31 +111,31 @@ def main(argv):
     # (metadata and shapes only).
     run_config.check_mesh(config, jax.process_count())
     first_stage_lib.check(config, workdir)
-    checkpoints.ensure_writable(workdir)
+    layout.ensure_writable(workdir)
     mgr = checkpoints.train_checkpoint_manager(workdir, config.train)
     start_step = mgr.latest_step() or 0
     # Shapes only (no weights): what saved tensors and free space are
     # checked against, before the first stage or a sample is written; the
     # Sharding section derives the state's shardings from the same.
-    optimizer = trainer.make_optimizer(config.train)
-    param_shapes = checkpoints.ldm_param_shapes(build.build_model(config.model))
+    optimizer = ldm_training.make_optimizer(config.train)
+    param_shapes = saved_shapes.ldm_param_shapes(build.build_model(config.model))
     abstract_state = jax.eval_shape(
-        lambda p: trainer.init_state(p, optimizer), param_shapes)
+        lambda p: ldm_training.init_state(p, optimizer), param_shapes)
     saved_config = None  # the Model section overwrites it; kept for errors
     if start_step:
       run_config.check_resume(config, workdir, start_step)
-      checkpoints.check_saved_params(workdir, start_step, param_shapes)
-      if (workdir / checkpoints.CONFIG_FILE).is_file():
-        saved_config = (workdir / checkpoints.CONFIG_FILE).read_text()
+      saved_shapes.check_saved_params(workdir, start_step, param_shapes)
+      if (workdir / layout.CONFIG_FILE).is_file():
+        saved_config = (workdir / layout.CONFIG_FILE).read_text()
   except run_config.ConfigError as e:
     sys.exit(f"config error: {e}")
-  except checkpoints.CheckpointMismatchError as e:
+  except errors.CheckpointMismatchError as e:
     sys.exit(f"config error: {e}; resume with the settings in "
-             f"{workdir / checkpoints.CONFIG_FILE} or use a new --workdir")
+             f"{workdir / layout.CONFIG_FILE} or use a new --workdir")
   # Fails now, not at a save hours later; a save that fails anyway (a disk
   # filled meanwhile) ends the run in one line too (see checkpoints).
-  checkpoints.check_free_space(
-      workdir, checkpoints.tree_nbytes(abstract_state),
+  layout.check_free_space(
+      workdir, layout.tree_nbytes(abstract_state),
       keep=config.train.keep_checkpoints, existing=len(mgr.all_steps()))
   logging.info("workdir %s; %d process(es), %d device(s): %s", workdir,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
@@ -196,7 +199,7 @@ def main(argv):
     k_unet, k_cond = jax.random.split(rng)
     params = {"unet": build.init_params(ldm.unet, k_unet),
               "cond_stage": build.init_params(ldm.cond_stage, k_cond)}
-    return trainer.init_state(params, optimizer)
+    return ldm_training.init_state(params, optimizer)
 
   rng = jax.random.key(config.seed)
   state_shardings = parallel.shardings_from_rules(
@@ -209,7 +212,7 @@ def main(argv):
   # ===================================================================== #
   batch_sharding = parallel.batch_sharding(mesh)
   step_fn = jax.jit(
-      trainer.make_train_step(ldm, optimizer, config.train, mask_stages),
+      ldm_training.make_train_step(ldm, optimizer, config.train, mask_stages),
       in_shardings=(state_shardings, batch_sharding, repl, repl),
       out_shardings=(state_shardings, repl),
       donate_argnums=(0,))
@@ -226,11 +229,11 @@ def main(argv):
       state = checkpoints.restore_train_state(
           mgr, start_step, abstract_state, state_shardings,
           jax.jit(optimizer.init, out_shardings=state_shardings.opt_state))
-    except checkpoints.CheckpointMismatchError as e:  # e.g. the optimiser
+    except errors.CheckpointMismatchError as e:  # e.g. the optimiser
       if is_main and saved_config is not None:  # this config never trained
-        (workdir / checkpoints.CONFIG_FILE).write_text(saved_config)
+        (workdir / layout.CONFIG_FILE).write_text(saved_config)
       sys.exit(f"config error: {e}; resume with the settings in "
-               f"{workdir / checkpoints.CONFIG_FILE} or use a new --workdir")
+               f"{workdir / layout.CONFIG_FILE} or use a new --workdir")
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   writer.truncate_after(start_step)
@@ -284,7 +287,7 @@ def main(argv):
   signal.signal(signal.SIGTERM, on_signal)
   signal.signal(signal.SIGINT, on_signal)
 
-  lr = trainer.lr_schedule(config.train)
+  lr = ldm_training.lr_schedule(config.train)
   total = config.train.steps
   bar = tqdm.tqdm(total=total, initial=start_step, disable=not is_main,
                   dynamic_ncols=True, desc="train")

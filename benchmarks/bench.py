@@ -98,7 +98,7 @@ def jax_workloads(size: str, batch: int, dtype: str, ddim_steps: int,
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from benchmarks import flops  # pylint: disable=g-import-not-at-top
-  from segldm_jax import sampling, trainer  # pylint: disable=g-import-not-at-top
+  from segldm_jax import ldm_training, sampling  # pylint: disable=g-import-not-at-top
   from segldm_jax.models import build  # pylint: disable=g-import-not-at-top
 
   config = size_config(size)
@@ -116,11 +116,11 @@ def jax_workloads(size: str, batch: int, dtype: str, ddim_steps: int,
   key = jax.random.key(0)
   k_fs, k_unet, k_cond = jax.random.split(key, 3)
   fs_params = build.init_params(ldm.first_stage, k_fs)
-  optimizer = trainer.make_optimizer(config.train)
-  state = trainer.init_state(
+  optimizer = ldm_training.make_optimizer(config.train)
+  state = ldm_training.init_state(
       {"unet": build.init_params(ldm.unet, k_unet),
        "cond_stage": build.init_params(ldm.cond_stage, k_cond)}, optimizer)
-  step = trainer.make_train_step(ldm, optimizer, config.train)
+  step = ldm_training.make_train_step(ldm, optimizer, config.train)
 
   info = {"framework": "jax", "jax": jax.__version__,
           "device": str(jax.devices()[0].device_kind),

@@ -20,9 +20,11 @@ from typing import Any, Mapping, Sequence
 
 from absl import flags as absl_flags
 import jax
-from jax._src import distributed as jax_distributed
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
+from orbax.checkpoint import multihost as ocp_multihost
+
+from segldm_jax import formatting
 
 # Mesh axes the batch is split over, in this order (whichever exist). FSDP
 # devices also take distinct examples: parameters are sharded over "fsdp" but
@@ -110,24 +112,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def key_str(key: Any) -> str:
-  """One path entry (DictKey, GetAttrKey, SequenceKey, ...) as plain text."""
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key)
-  return str(key)
-
-
-def path_str(path: Sequence[Any]) -> str:
-  """Key path -> 'params/unet/input_blocks_1_0/in_layers_2/kernel'."""
-  return "/".join(key_str(k) for k in path)
-
-
 def _compile_rules(rules: Rules) -> list[tuple[re.Pattern, str]]:
   compiled = []
   for rule in rules:
@@ -187,7 +171,7 @@ def shardings_from_rules(abstract_tree: Any, mesh: Mesh, rules: Rules, *,
     shape = tuple(np.shape(leaf))
     if not shape:  # Scalars: step counters, optax counts, rng keys.
       return replicated(mesh)
-    name = path_str(path)
+    name = formatting.path_str(path)
     strategy = next((s for p, s in compiled if p.search(name)), "replicate")
     if strategy == "fsdp":
       return NamedSharding(mesh, fsdp_spec(shape, axis_size, min_size))
@@ -210,7 +194,7 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     rows = x.shape[0] * jax.process_count() if x.ndim else 0
     if x.ndim == 0 or rows % shards:
       raise ValueError(
-          f"batch entry {path_str(path)!r} with shape {x.shape}: the global "
+          f"batch entry {formatting.path_str(path)!r} with shape {x.shape}: the global "
           f"batch ({rows} rows) must split evenly over {shards} batch shards "
           f"(mesh axes {batch_axes(mesh)})")
     return jax.make_array_from_process_local_data(sharding, x)
@@ -252,7 +236,7 @@ def describe(shardings: Any, abstract_tree: Any, top: int = 10) -> str:
   rows = []
   for (path, x), s in zip(flat_x, flat_s):
     shape = tuple(np.shape(x))
-    rows.append((path_str(path), shape, _spec_str(s.spec), _nbytes(shape, x),
+    rows.append((formatting.path_str(path), shape, _spec_str(s.spec), _nbytes(shape, x),
                  _nbytes(s.shard_shape(shape), x)))
   total = sum(r[3] for r in rows)
   local = sum(r[4] for r in rows)
@@ -264,10 +248,10 @@ def describe(shardings: Any, abstract_tree: Any, top: int = 10) -> str:
   lines = [f"{'leaf':<{w[0]}}  {'shape':<{w[1]}}  {'spec':<{w[2]}}  per device"]
   for name, shape, spec, _, dev in shown:
     lines.append(f"{name:<{w[0]}}  {str(shape):<{w[1]}}  {spec:<{w[2]}}  "
-                 f"{fmt_bytes(dev)}")
+                 f"{formatting.human_bytes(dev)}")
   ratio = local / total if total else 1.0
-  lines.append(f"{len(rows)} leaves: {fmt_bytes(total)} in total, "
-               f"{fmt_bytes(local)} per device ({ratio:.1%})")
+  lines.append(f"{len(rows)} leaves: {formatting.human_bytes(total)} in total, "
+               f"{formatting.human_bytes(local)} per device ({ratio:.1%})")
   return "\n".join(lines)
 
 
@@ -275,14 +259,6 @@ def _spec_str(spec: P) -> str:
   if all(a is None for a in spec):
     return "replicated"
   return "(" + ", ".join(str(a) for a in spec) + ")"
-
-
-def fmt_bytes(n: int) -> str:
-  """1536 -> '1.5 KiB'."""
-  for unit in ("B", "KiB", "MiB", "GiB"):
-    if n < 1024 or unit == "GiB":
-      return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-    n /= 1024
 
 
 # Environment variables by which cluster launchers announce a multi-process
@@ -339,7 +315,9 @@ def barrier(name: str, timeout_s: int = 900) -> None:
   """
   if jax.process_count() == 1:
     return
-  client = jax_distributed.global_state.client  # no public barrier API
+  # jax has no public barrier on the coordination service; orbax exposes
+  # the client jax.distributed.initialize made.
+  client = ocp_multihost.get_jax_distributed_client()
   client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
 

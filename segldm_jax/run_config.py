@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import ml_collections as mlc
 
-from segldm_jax import checkpoints
+from segldm_jax import layout
 
 _SOURCES = ("folder", "tfds", "synthetic")
 
@@ -231,7 +231,7 @@ def check_resume(config: mlc.ConfigDict, workdir: pathlib.Path,
   of the run that wrote it (its config.json); otherwise one line naming the
   first differing key, both values and the overrides that would work."""
   try:
-    saved = json.loads((workdir / checkpoints.CONFIG_FILE).read_text())
+    saved = json.loads((workdir / layout.CONFIG_FILE).read_text())
   except (OSError, ValueError):
     return  # Nothing to compare: the tensors are still checked on restore.
   diffs = resume_differences(config, saved)
@@ -247,19 +247,19 @@ def check_resume(config: mlc.ConfigDict, workdir: pathlib.Path,
                    for k, v in list(fix.items())[:6])
   more = f" (and {len(fix) - 6} more)" if len(fix) > 6 else ""
   raise ConfigError(
-      f"workdir {workdir} ({checkpoints.CHECKPOINTS_DIR}/{step}) was trained "
+      f"workdir {workdir} ({layout.CHECKPOINTS_DIR}/{step}) was trained "
       f"with {key}={old!r}; this config has {new!r}: pass {fixes}{more} or "
       "use a new --workdir")
 
 
 def save(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
-  path = pathlib.Path(workdir) / checkpoints.CONFIG_FILE
+  path = pathlib.Path(workdir) / layout.CONFIG_FILE
   path.write_text(config.to_json_best_effort(indent=2) + "\n")
   return path
 
 
 def load(workdir: str | pathlib.Path) -> mlc.ConfigDict:
-  path = pathlib.Path(workdir) / checkpoints.CONFIG_FILE
+  path = pathlib.Path(workdir) / layout.CONFIG_FILE
   if not path.is_file():
     raise ConfigError(f"{path} not found: is {workdir} a workdir made by "
                       "train.py or convert_torch_ckpt.py?")

@@ -20,20 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segldm_jax.data import device as data_device
+from segldm_jax.data.device import images_to_model_range, model_range_to_images
 from segldm_jax.diffusion import samplers
 from segldm_jax.models.ldm import LatentDiffusion
 
 _STATIC = ("ldm", "sampler", "steps", "eta", "mask_stages", "guidance_scale")
-
-
-def _to_uint8(images: jax.Array) -> jax.Array:
-  return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-
-def _condition(ldm, params, labels, mask_stages):
-  return ldm.cond_stage.apply({"params": params["cond_stage"]}, labels,
-                              mask_stages, method="from_labels")
 
 
 def _run_sampler(model_fn, ldm, x_T, key, sampler, steps, eta, **mask_kw):
@@ -54,12 +45,12 @@ def generate(ldm: LatentDiffusion, params, first_stage_params,
   compiled program; the same key gives the same images. Pixels with the
   ignore id (255) get zero conditioning: "don't care".
   """
-  c = _condition(ldm, params, labels, mask_stages)
+  c = ldm.condition(params["cond_stage"], labels, mask_stages)
   k_init, k_loop = jax.random.split(key)
   x_T = jax.random.normal(k_init, (*c.shape[:3], ldm.latent_channels))
   z = _run_sampler(ldm.model_fn(params["unet"], c, guidance_scale), ldm, x_T,
                    k_loop, sampler, steps, eta)
-  return _to_uint8(ldm.decode(first_stage_params, z))
+  return model_range_to_images(ldm.decode(first_stage_params, z))
 
 
 # ---------------------------------------------------------------------------
@@ -88,15 +79,15 @@ def edit(ldm: LatentDiffusion, params, first_stage_params, images: jax.Array,
   reconstruction (`editing.composite` restores the photo's own pixels).
   """
   z0 = ldm.encode(first_stage_params,
-                  data_device.images_to_model_range(images))
-  c = _condition(ldm, params, labels, mask_stages)
+                  images_to_model_range(images))
+  c = ldm.condition(params["cond_stage"], labels, mask_stages)
   k_init, k_loop = jax.random.split(key)
   x_T = jax.random.normal(k_init, z0.shape)
   keep = keep.astype(jnp.float32)
   z = _run_sampler(ldm.model_fn(params["unet"], c, guidance_scale), ldm, x_T,
                    k_loop, sampler, steps, eta, mask=keep, x0=z0)
   z = keep * z0 + (1.0 - keep) * z
-  return _to_uint8(ldm.decode(first_stage_params, z))
+  return model_range_to_images(ldm.decode(first_stage_params, z))
 
 
 # ---------------------------------------------------------------------------
@@ -182,7 +173,7 @@ def generate_tiled(ldm: LatentDiffusion, params, first_stage_params,
   on the same tiles, its images blended the same way at pixel resolution.
   The conditioning is a per-pixel lookup plus area means, computed whole.
   """
-  c = _condition(ldm, params, labels, mask_stages)
+  c = ldm.condition(params["cond_stage"], labels, mask_stages)
   h, w = c.shape[1:3]
   rows, cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
   k_init, k_loop = jax.random.split(key)
@@ -199,4 +190,4 @@ def generate_tiled(ldm: LatentDiffusion, params, first_stage_params,
 
   images = _tiled_sum(decode_tile, z, rows, cols, tile, ldm.downsample_factor,
                       3)
-  return _to_uint8(images)
+  return model_range_to_images(images)

@@ -26,10 +26,13 @@ import pytest
 import yaml
 
 from configs import seg_f4
+from segldm_jax import saved_shapes
+from segldm_jax import layout
+from segldm_jax import errors
 from segldm_jax import checkpoints
 from segldm_jax import first_stage
 from segldm_jax import run_config
-from segldm_jax import trainer
+from segldm_jax import ldm_training
 from segldm_jax.models import build
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -56,11 +59,11 @@ def _config(num_classes=182, model_channels=32, **train):
 def _abstract_state(num_classes=182, model_channels=32, grad_clip_norm=0.0):
   c = _config(num_classes, model_channels, grad_clip_norm=grad_clip_norm)
   ldm = build.build_model(c.model)
-  optimizer = trainer.make_optimizer(c.train)
+  optimizer = ldm_training.make_optimizer(c.train)
 
   # ShapeDtypeStructs in, ShapeDtypeStructs out: nothing is allocated.
-  return jax.eval_shape(lambda p: trainer.init_state(p, optimizer),
-                        checkpoints.ldm_param_shapes(ldm)), ldm
+  return jax.eval_shape(lambda p: ldm_training.init_state(p, optimizer),
+                        saved_shapes.ldm_param_shapes(ldm)), ldm
 
 
 # ---------------------------------------------------------------------------
@@ -242,13 +245,13 @@ def test_saved_params_of_another_class_count_name_first_tensor(workdir16):
   expected = (f"{wd}: checkpoints/400 params/cond_stage/channel_mapper/kernel "
               "is (16,3); the config builds (182,3) (set by data.num_classes, "
               f"{CS})")
-  with pytest.raises(checkpoints.CheckpointMismatchError) as e:
-    checkpoints.check_saved_params(wd, 400, checkpoints.ldm_param_shapes(ldm))
+  with pytest.raises(errors.CheckpointMismatchError) as e:
+    saved_shapes.check_saved_params(wd, 400, saved_shapes.ldm_param_shapes(ldm))
   assert str(e.value) == expected
-  with pytest.raises(checkpoints.CheckpointMismatchError) as e:
+  with pytest.raises(errors.CheckpointMismatchError) as e:
     checkpoints.restore_train_state(mgr, 400, abstract, None, None)
   assert str(e.value) == expected
-  with pytest.raises(checkpoints.CheckpointMismatchError) as e:  # sample.py's
+  with pytest.raises(errors.CheckpointMismatchError) as e:  # sample.py's
     checkpoints.restore_params(wd, ldm)
   assert str(e.value) == (
       f"{expected}; the workdir's config.json does not describe these weights")
@@ -257,7 +260,7 @@ def test_saved_params_of_another_class_count_name_first_tensor(workdir16):
 def test_saved_params_of_another_width_name_first_tensor(workdir16):
   wd, mgr = workdir16
   abstract, _ = _abstract_state(16, model_channels=64)
-  with pytest.raises(checkpoints.CheckpointMismatchError) as e:
+  with pytest.raises(errors.CheckpointMismatchError) as e:
     checkpoints.restore_train_state(mgr, 400, abstract, None, None)
   assert str(e.value) == (
       f"{wd}: checkpoints/400 params/unet/input_blocks_0_0/bias is (32,); the "
@@ -267,7 +270,7 @@ def test_saved_params_of_another_width_name_first_tensor(workdir16):
 def test_saved_optimizer_state_of_another_optimizer(workdir16):
   wd, mgr = workdir16
   abstract, _ = _abstract_state(16, grad_clip_norm=1.0)  # adds a chain link
-  with pytest.raises(checkpoints.CheckpointMismatchError) as e:
+  with pytest.raises(errors.CheckpointMismatchError) as e:
     checkpoints.restore_train_state(mgr, 400, abstract, None, None)
   assert str(e.value) == (
       f"{wd}: checkpoints/400 opt_state/1/0/count is not saved; the config "
@@ -279,10 +282,10 @@ def test_matching_workdir_passes_every_check(workdir16):
   wd, _ = workdir16
   abstract, ldm = _abstract_state(16)
   run_config.check_resume(_config(16), wd, 400)
-  checkpoints.check_saved_params(wd, 400, checkpoints.ldm_param_shapes(ldm))
+  saved_shapes.check_saved_params(wd, 400, saved_shapes.ldm_param_shapes(ldm))
   for name, tree in (("params", abstract.params), ("ema_params", abstract.ema),
                      ("opt_state", abstract.opt_state)):
-    checkpoints.check_saved_item(wd / "checkpoints/400" / name, tree, "x")
+    saved_shapes.check_saved_item(wd / "checkpoints/400" / name, tree, "x")
 
 
 # ---------------------------------------------------------------------------
@@ -348,7 +351,7 @@ def test_first_stage_whose_weights_do_not_match_its_model_yaml(vq_dir,
   message = (f"{path}: params/decoder/conv_in/bias is (128,); the config "
              "builds (256,); model.yaml there does not describe these weights "
              "(edited, or params/ copied from another model?)")
-  with pytest.raises(checkpoints.CheckpointMismatchError) as e:
+  with pytest.raises(errors.CheckpointMismatchError) as e:
     checkpoints.load_model_dir(path)
   assert str(e.value) == message
   c = _config()
@@ -385,38 +388,38 @@ def _disk_usage_with_free(free):
 
 def test_too_little_free_space_fails_at_once(tmp_path, monkeypatch):
   monkeypatch.setattr(shutil, "disk_usage", _disk_usage_with_free(100 << 20))
-  with pytest.raises(SystemExit) as e:
-    checkpoints.check_free_space(tmp_path, 3 << 30, keep=3)
-  assert e.value.code == (
+  with pytest.raises(errors.WorkdirError) as e:
+    layout.check_free_space(tmp_path, 3 << 30, keep=3)
+  assert str(e.value) == (
       f"workdir {tmp_path}: 100.0 MiB free on its filesystem, but its "
       "checkpoints need 12.2 GiB (4 x 3.0 GiB train state: "
       "train.keep_checkpoints=3 + 1 being written, plus margin); free space, "
       "pass --config.train.keep_checkpoints=1 or use a --workdir on a bigger "
       "disk")
   # A resumed run already holds some: only the rest must fit.
-  with pytest.raises(SystemExit) as e:
-    checkpoints.check_free_space(tmp_path, 3 << 30, keep=3, existing=3)
+  with pytest.raises(errors.WorkdirError) as e:
+    layout.check_free_space(tmp_path, 3 << 30, keep=3, existing=3)
   assert "need 3.1 GiB (1 x 3.0 GiB train state: train.keep_checkpoints=3 " \
-         "+ 1 being written, 3 already saved, plus margin)" in e.value.code
+         "+ 1 being written, 3 already saved, plus margin)" in str(e.value)
   monkeypatch.setattr(shutil, "disk_usage", _disk_usage_with_free(13 << 30))
-  checkpoints.check_free_space(tmp_path, 3 << 30, keep=3)
+  layout.check_free_space(tmp_path, 3 << 30, keep=3)
 
 
 def test_free_space_estimate_is_the_train_state():
   abstract, _ = _abstract_state(16)
-  params = checkpoints.tree_nbytes(abstract.params)
-  unet = checkpoints.tree_nbytes(abstract.params["unet"])
+  params = layout.tree_nbytes(abstract.params)
+  unet = layout.tree_nbytes(abstract.params["unet"])
   # params + EMA of the UNet + Adam's two moments (+ a step counter).
-  assert checkpoints.tree_nbytes(abstract) == pytest.approx(
+  assert layout.tree_nbytes(abstract) == pytest.approx(
       params + unet + 2 * params, abs=64)
 
 
 def test_workdir_under_a_file_is_not_writable(tmp_path):
   (tmp_path / "file").write_text("x")  # fails for root too
   workdir = tmp_path / "file" / "workdir"
-  with pytest.raises(SystemExit) as e:
-    checkpoints.ensure_writable(workdir)
-  assert e.value.code == f"workdir {workdir} is not writable: Not a directory"
+  with pytest.raises(errors.WorkdirError) as e:
+    layout.ensure_writable(workdir)
+  assert str(e.value) == f"workdir {workdir} is not writable: Not a directory"
 
 
 def test_full_disk_fails_the_write_probe(tmp_path, monkeypatch):
@@ -424,9 +427,9 @@ def test_full_disk_fails_the_write_probe(tmp_path, monkeypatch):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
 
   monkeypatch.setattr(pathlib.Path, "write_bytes", full)
-  with pytest.raises(SystemExit) as e:
-    checkpoints.ensure_writable(tmp_path / "run")
-  assert e.value.code == (
+  with pytest.raises(errors.WorkdirError) as e:
+    layout.ensure_writable(tmp_path / "run")
+  assert str(e.value) == (
       f"workdir {tmp_path / 'run'} is not writable: No space left on device")
 
 

@@ -20,9 +20,10 @@ import pytest
 import yaml
 
 import torch_files
+from segldm_jax import layout
 from segldm_jax import checkpoints
 from segldm_jax import convert
-from segldm_jax import torch_io
+from segldm_jax.convert import torch_io
 from segldm_jax.models import build
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ FIXTURES = pathlib.Path(os.environ.get(
     "SEGLDM_FIXTURES", pathlib.Path(__file__).parent / "fixtures"))
 CASES = sorted(p.stem for p in FIXTURES.glob("*.ckpt")
                if p.with_suffix(".yaml").exists())
-LOSS_REASON = convert._IGNORED_PREFIXES["loss."]  # pylint: disable=protected-access
+LOSS_REASON = convert.IGNORED_PREFIXES["loss."]
 
 
 @functools.cache
@@ -114,7 +115,7 @@ def test_cli_converts_fixture(case, tmp_path, capsys):
     _assert_same(params, conv.params)
     return
 
-  config = json.loads((out / checkpoints.CONFIG_FILE).read_text())
+  config = json.loads((out / layout.CONFIG_FILE).read_text())
   assert config["model"] == json.loads(json.dumps(conv.node))
   _, fs_params, fs_node = checkpoints.load_model_dir(out / config["first_stage"][
       "checkpoint"])
@@ -143,9 +144,9 @@ def test_cli_no_ema_writes_live_unet_only(tmp_path, capsys):
   assert rc == 0
   assert "UNet weights: live)" in stdout
   # Lightning's global_step numbers the workdir's step.
-  assert [p.name for p in (out / checkpoints.CHECKPOINTS_DIR).iterdir()
+  assert [p.name for p in (out / layout.CHECKPOINTS_DIR).iterdir()
           if p.name.isdigit()] == ["1234"]
-  assert not (out / checkpoints.CHECKPOINTS_DIR / "1234" / "ema_params").exists()
+  assert not (out / layout.CHECKPOINTS_DIR / "1234" / "ema_params").exists()
   conv = _converted("ldm_tiny")
   params, step = checkpoints.restore_params(out, conv.model, use_ema=True)
   assert step == 1234

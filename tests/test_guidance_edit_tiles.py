@@ -46,16 +46,16 @@ def _blocks(n: int, size: int, seed: int) -> np.ndarray:
 def _cond_grad_norm(cond_drop_prob: float) -> float:
   """|mean Adam moment| of the rescaler after one step (0 iff no gradient)."""
   import optax  # pylint: disable=g-import-not-at-top
-  from segldm_jax import trainer  # pylint: disable=g-import-not-at-top
+  from segldm_jax import ldm_training  # pylint: disable=g-import-not-at-top
   ldm, params, fs = _model()
   cfg = {"base_learning_rate": 1e-4, "batch_size": 4,
          "cond_drop_prob": cond_drop_prob}
-  opt = trainer.make_optimizer(cfg)
+  opt = ldm_training.make_optimizer(cfg)
   rs = np.random.RandomState(0)
   batch = {"image": rs.randint(0, 256, (4, 32, 32, 3)).astype(np.uint8),
            "labels": _blocks(4, 32, 3)}
-  state, _ = jax.jit(trainer.make_train_step(ldm, opt, cfg))(
-      trainer.init_state(params, opt), batch, fs, jax.random.key(0))
+  state, _ = jax.jit(ldm_training.make_train_step(ldm, opt, cfg))(
+      ldm_training.init_state(params, opt), batch, fs, jax.random.key(0))
   mu = optax.tree_utils.tree_get(state.opt_state, "mu")["cond_stage"]
   return float(optax.global_norm(mu))
 
@@ -67,11 +67,11 @@ def test_cond_drop_trains_the_unconditional_model():
 
 
 def test_drop_regions_blanks_one_box_per_chosen_sample():
-  from segldm_jax import trainer  # pylint: disable=g-import-not-at-top
+  from segldm_jax import ldm_training  # pylint: disable=g-import-not-at-top
   labels = jnp.asarray(_blocks(64, 32, 0))
-  assert np.array_equal(trainer.drop_regions(jax.random.key(0), labels, 0.0),
+  assert np.array_equal(ldm_training.drop_regions(jax.random.key(0), labels, 0.0),
                         labels)
-  out = np.asarray(trainer.drop_regions(jax.random.key(0), labels, 1.0))
+  out = np.asarray(ldm_training.drop_regions(jax.random.key(0), labels, 1.0))
   for o, lab in zip(out, np.asarray(labels)):
     ys, xs = np.nonzero(o == IGNORE_ID)
     box = np.zeros_like(o, bool)
@@ -79,7 +79,7 @@ def test_drop_regions_blanks_one_box_per_chosen_sample():
     assert np.array_equal(o == IGNORE_ID, box)  # one solid rectangle
     assert 8 <= np.ptp(ys) + 1 <= 24 and 8 <= np.ptp(xs) + 1 <= 24
     assert np.array_equal(o[~box], lab[~box])
-  some = np.asarray(trainer.drop_regions(jax.random.key(1), labels, 0.25))
+  some = np.asarray(ldm_training.drop_regions(jax.random.key(1), labels, 0.25))
   assert 0.1 < (some == IGNORE_ID).any((1, 2)).mean() < 0.45
 
 
@@ -103,8 +103,7 @@ def test_ignore_pixels_condition_on_nothing():
   ldm, params, _ = _model()
   labels = _blocks(1, 32, 0)
   labels[:, :, 16:] = IGNORE_ID  # right half "don't care"
-  c = ldm.cond_stage.apply({"params": params["cond_stage"]}, labels,
-                           method="from_labels")
+  c = ldm.condition(params["cond_stage"], labels)
   assert np.all(np.asarray(c)[:, :, 4:] == 0.0)  # exactly the null condition
   assert np.abs(np.asarray(c)[:, :, :4]).min() > 0.0
 

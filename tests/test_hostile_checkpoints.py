@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import torch_files as tf
-from segldm_jax import torch_io
+from segldm_jax.convert import torch_io
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

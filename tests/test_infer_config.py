@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from segldm_jax import convert
-from segldm_jax import infer_config
-from segldm_jax import torch_io
+from segldm_jax.convert import infer_config
+from segldm_jax.convert import torch_io
 from segldm_jax.diffusion import schedule as schedule_lib
 from segldm_jax.models import build
 

@@ -98,8 +98,8 @@ def test_product_runs_without_torch(tmp_path):
   assert result["attempts"] == [], result["attempts"]
   assert not result["torch_loaded"]
   assert result["failed"] == {}, result["failed"]
-  assert {"segldm_jax.convert", "segldm_jax.torch_io", "segldm_jax.checkpoints",
-          "segldm_jax.infer_config", "convert_torch_ckpt"} <= set(
+  assert {"segldm_jax.convert", "segldm_jax.convert.torch_io", "segldm_jax.checkpoints",
+          "segldm_jax.convert.infer_config", "convert_torch_ckpt"} <= set(
               result["imported"]), result["imported"]
   assert result["rc"] == 0, proc.stderr[-4000:]
   assert (out / "config.json").is_file() and (out / "first_stage").is_dir()
@@ -123,7 +123,7 @@ def _product_sources() -> list[pathlib.Path]:
 def test_no_torch_import_in_sources():
   files = _product_sources()
   names = {p.relative_to(ROOT).as_posix() for p in files}
-  assert {"segldm_jax/convert.py", "segldm_jax/torch_io.py",
+  assert {"segldm_jax/convert/mapping.py", "segldm_jax/convert/torch_io.py",
           "convert_torch_ckpt.py"} <= names, names
   offenders = [f"{p.relative_to(ROOT)}:{p.read_text()[:m.start()].count(chr(10)) + 1}:"
                f" {m.group(0).strip()}"
@@ -136,7 +136,7 @@ def test_torch_import_pattern():
   hits = ["import torch", "  import torch.nn as nn", "from torch import nn",
           "from torch.utils import data", "import numpy as np, torch",
           "m = importlib.import_module('torch')", "__import__(\"torch.nn\")"]
-  misses = ["from segldm_jax import torch_io", "import torch_io",
+  misses = ["from segldm_jax.convert import torch_io", "import torch_io",
             "import torchvision_like_name_x", "# torch.load(path) is not needed",
             "x = torch_key(path)"]
   for text in hits:

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from segldm_jax import formatting
 from segldm_jax import parallel
 from segldm_jax.models import build
 
@@ -202,7 +203,7 @@ def test_paths_through_optax_state_and_dataclasses(unet):
   seen = {}
 
   def record(path, leaf):
-    seen[parallel.path_str(path)] = leaf
+    seen[formatting.path_str(path)] = leaf
   jax.tree_util.tree_map_with_path(record, state)
   kernel = "unet/input_blocks_1_0/in_layers_2/kernel"
   assert f"params/{kernel}" in seen and f"ema/{kernel}" in seen
@@ -283,7 +284,7 @@ def test_describe_unet(born_sharded):
       "output_blocks_0_0/in_layers_2/kernel", "(3,", "3,", "128,", "64)",
       "(None,", "None,", "fsdp,", "None)", "36.0", "KiB"]
   assert lines[2].startswith("output_blocks_1_0/in_layers_2/kernel ")
-  local = parallel.fmt_bytes(parallel.per_device_bytes(params))
+  local = formatting.human_bytes(parallel.per_device_bytes(params))
   assert lines[-1] == (f"128 leaves: 2.7 MiB in total, {local} per device "
                        f"({parallel.per_device_bytes(params) / 2813452:.1%})")
   table = parallel.describe(
@@ -295,5 +296,5 @@ def test_describe_unet(born_sharded):
 
 def test_fmt_bytes():
   sizes = (0, 1023, 1536, 3 * 2**20, 2**42)
-  assert [parallel.fmt_bytes(n) for n in sizes] == [
+  assert [formatting.human_bytes(n) for n in sizes] == [
       "0 B", "1023 B", "1.5 KiB", "3.0 MiB", "4096.0 GiB"]

@@ -97,7 +97,7 @@ def _ldm_outputs(conv, ref, info):
   sched = ldm.schedule()
   s = ldm.settings
   z = ldm.encode(p["first_stage"], _nhwc(ref["x"]))
-  c = ldm.condition(p["cond_stage"], _nhwc(ref["mask"]))
+  c = ldm.cond_stage.apply({"params": p["cond_stage"]}, _nhwc(ref["mask"]))
   t = jnp.asarray(ref["t"])
   noise = _nhwc(ref["noise"])
   x_noisy = objective.q_sample(sched, z, t, noise)

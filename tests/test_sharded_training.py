@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from segldm_jax import parallel
-from segldm_jax import trainer
+from segldm_jax import ldm_training
 from segldm_jax.models import build
 
 TRAIN = {"base_learning_rate": 1e-4, "batch_size": 8}
@@ -38,13 +38,13 @@ def _train(mesh_name):
   ldm = _model()
   devices = jax.devices()[:1] if mesh_name == "1 device" else None
   mesh = parallel.make_mesh(MESHES[mesh_name], devices=devices)
-  optimizer = trainer.make_optimizer(TRAIN)
+  optimizer = ldm_training.make_optimizer(TRAIN)
 
   def init(rng):
     k1, k2, k3 = jax.random.split(rng, 3)
     params = {"unet": build.init_params(ldm.unet, k1),
               "cond_stage": build.init_params(ldm.cond_stage, k2)}
-    return trainer.init_state(params, optimizer), build.init_params(
+    return ldm_training.init_state(params, optimizer), build.init_params(
         ldm.first_stage, k3)
 
   rng = jax.random.key(0)
@@ -53,7 +53,7 @@ def _train(mesh_name):
                                             min_size=0)
   repl = parallel.replicated(mesh)
   state, fs = jax.jit(init, out_shardings=(shardings, repl))(rng)
-  step = jax.jit(trainer.make_train_step(ldm, optimizer, TRAIN),
+  step = jax.jit(ldm_training.make_train_step(ldm, optimizer, TRAIN),
                  in_shardings=(shardings, parallel.batch_sharding(mesh), repl,
                                repl),
                  out_shardings=(shardings, repl), donate_argnums=(0,))

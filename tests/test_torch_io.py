@@ -1,4 +1,4 @@
-"""Tests for segldm_jax.torch_io: reading torch.save checkpoints without torch.
+"""Tests for segldm_jax.convert.torch_io: reading torch.save checkpoints without torch.
 
 Test checkpoints are written by tests/torch_files.py (torch is never needed);
 the reference fixtures under tests/fixtures were written by real torch 2.13.
@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 import torch_files as tf
-from segldm_jax.torch_io import CheckpointError
-from segldm_jax.torch_io import ForeignObject
-from segldm_jax.torch_io import load_checkpoint
-from segldm_jax.torch_io import load_state_dict
+from segldm_jax.convert.torch_io import CheckpointError
+from segldm_jax.convert.torch_io import ForeignObject
+from segldm_jax.convert.torch_io import load_checkpoint
+from segldm_jax.convert.torch_io import load_state_dict
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURE_CASES = ["ldm_tiny", "rescaler", "unet_tiny", "unet_tiny_ss", "vq_tiny"]
@@ -707,7 +707,7 @@ _MEMORY_PROBE = textwrap.dedent("""
     import json, os, resource, sys
     sys.modules["torch"] = None  # Any `import torch` now fails.
     import numpy as np
-    from segldm_jax.torch_io import load_state_dict
+    from segldm_jax.convert.torch_io import load_state_dict
 
     def rss_anon():
       try:

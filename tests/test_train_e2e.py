@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segldm_jax import layout
 from segldm_jax import checkpoints
 from segldm_jax import metrics
 from segldm_jax import run_config
@@ -209,7 +210,7 @@ def test_without_a_first_stage_it_trains_one_then_reuses_it(tmp_path, env):
         "--config.train.checkpoint_every=2",
         "--config.model.params.scale_by_std=True"]
   _train(wd, env, *vq, "--config.train.steps=2")
-  fs = wd / checkpoints.FIRST_STAGE_DIR
+  fs = wd / layout.FIRST_STAGE_DIR
   vq_model, params, node = checkpoints.load_model_dir(fs)
   # scale_by_std: 1 / std of the pre-quantisation latents of batch 0.
   config = run_config.load(wd)

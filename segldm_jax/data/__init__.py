@@ -2,13 +2,14 @@
 
 Records are ``{"image": uint8 (H, W, 3), "labels": uint8 (H, W)}`` with class
 ids ``0..num_classes-1`` and ``IGNORE_ID`` for unlabeled pixels; labels become
-one-hot only on the device (``one_hot_labels``).
+one-hot only on the device, inside the model (``LatentDiffusion.condition``).
 """
 from segldm_jax.data.base import (DataError, IGNORE_ID, MAX_CLASSES,
                                   PairSource, check_num_classes, load_record)
 from segldm_jax.data.check import (BadRecordLog, CheckReport, check_data,
                                    check_source)
-from segldm_jax.data.device import images_to_model_range, one_hot_labels
+from segldm_jax.data.device import (images_to_model_range,
+                                    model_range_to_images)
 from segldm_jax.data.folder import DecodePair, FolderSource
 from segldm_jax.data.labels import LabelSpec
 from segldm_jax.data.pipeline import make_dataset, make_source
@@ -24,5 +25,5 @@ __all__ = [
     "RandomCrop", "RandomHorizontalFlip", "ResizeShorterSide",
     "SyntheticSource", "TfdsSource", "check_data", "check_num_classes",
     "check_source", "class_colours", "images_to_model_range", "load_record",
-    "make_dataset", "make_source", "one_hot_labels",
+    "make_dataset", "make_source", "model_range_to_images",
 ]

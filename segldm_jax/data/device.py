@@ -1,23 +1,12 @@
-"""On-device conversions of host batches (jittable; use inside the step).
+"""Pixel conversions between host batches and the model (jittable).
 
-Labels travel from the host as small uint8 ids; the one-hot exists only on
-the device (a 182-class float32 one-hot of a 256x256 image is 48 MB).
+uint8 images travel from the host; the networks see float32 in [-1, 1]
+(taming's convention), and samples go back to uint8.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-
-def one_hot_labels(labels: jax.Array, num_classes: int,
-                   dtype=jnp.float32) -> jax.Array:
-  """(..., H, W) int ids -> (..., H, W, num_classes).
-
-  Ignored pixels (``IGNORE_ID`` = 255, or any id outside
-  ``0..num_classes-1``) become all-zero vectors: ``jax.nn.one_hot`` already
-  does that for out-of-range ids.
-  """
-  return jax.nn.one_hot(labels.astype(jnp.int32), num_classes, dtype=dtype)
 
 
 def images_to_model_range(images: jax.Array) -> jax.Array:
@@ -27,3 +16,8 @@ def images_to_model_range(images: jax.Array) -> jax.Array:
   the reciprocal, and this form still maps 0 and 255 to exactly -1 and 1.
   """
   return (images.astype(jnp.float32) - 127.5) / 127.5
+
+
+def model_range_to_images(images: jax.Array) -> jax.Array:
+  """[-1, 1] model outputs -> uint8 pixels (rounded, clipped)."""
+  return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)

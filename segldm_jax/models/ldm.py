@@ -61,9 +61,17 @@ class LatentDiffusion:
                                   z / self.scale_factor, force_not_quantize,
                                   method="decode")
 
-  def condition(self, cond_params: Params, mask: jax.Array) -> jax.Array:
-    """One-hot mask at image resolution -> conditioning at latent resolution."""
-    return self.cond_stage.apply({"params": cond_params}, mask)
+  def condition(self, cond_params: Params, labels: jax.Array,
+                mask_stages: int = 0) -> jax.Array:
+    """Integer label maps (B, H, W) -> conditioning at latent resolution.
+
+    The one way both training and sampling condition on a mask: the
+    rescaler's lookup form of `rescaler(one_hot(labels))`, so the one-hot is
+    never materialised. Ignore-id pixels (255) condition on nothing.
+    `mask_stages` extra halvings stand for data.mask_size < image size.
+    """
+    return self.cond_stage.apply({"params": cond_params}, labels, mask_stages,
+                                 method="from_labels")
 
   def model_fn(self, unet_params: Params, c: jax.Array,
                guidance_scale: float = 1.0) -> jax.tree_util.Partial:

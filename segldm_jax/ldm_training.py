@@ -132,8 +132,7 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
   region_drop = float(train_cfg.get("region_drop_prob", 0.0))
 
   def loss_fn(params, z, labels, t, noise, keep, dropout_key):
-    c = ldm.cond_stage.apply({"params": params["cond_stage"]}, labels,
-                             mask_stages, method="from_labels")
+    c = ldm.condition(params["cond_stage"], labels, mask_stages)
     if cond_drop > 0:
       # Classifier-free guidance: a dropped sample sees the all-zero
       # conditioning, exactly what an all-ignore mask gives (the rescaler

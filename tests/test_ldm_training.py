@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from segldm_jax import trainer
+from segldm_jax import ldm_training
 from segldm_jax.models import build
 
 TRAIN = {"base_learning_rate": 1e-4, "batch_size": 4, "ema_decay": 0.9999}
@@ -30,14 +30,14 @@ def _setup():
 def _compiled(accum, nonfinite="stop"):
   ldm = _setup()[0]
   cfg = dict(TRAIN, grad_accum=accum, nonfinite=nonfinite)
-  opt = trainer.make_optimizer(cfg)
-  return opt, jax.jit(trainer.make_train_step(ldm, opt, cfg))
+  opt = ldm_training.make_optimizer(cfg)
+  return opt, jax.jit(ldm_training.make_train_step(ldm, opt, cfg))
 
 
 def _run(accum, steps=1):
   _, params, fs, batch = _setup()
   opt, step = _compiled(accum)
-  state = trainer.init_state(params, opt)
+  state = ldm_training.init_state(params, opt)
   for _ in range(steps):
     state, metrics = step(state, batch, fs, jax.random.key(7))
   return state, metrics
@@ -56,23 +56,23 @@ def test_grad_accumulation_is_exact():
 
 
 def test_lr_scales_with_batch_and_adamw_decays_weights():
-  assert trainer.learning_rate(TRAIN) == pytest.approx(4e-4)
-  assert trainer.learning_rate(dict(TRAIN, scale_lr=False)) == 1e-4
+  assert ldm_training.learning_rate(TRAIN) == pytest.approx(4e-4)
+  assert ldm_training.learning_rate(dict(TRAIN, scale_lr=False)) == 1e-4
 
 
 def test_lr_schedules():
   peak = 4e-4
-  const = trainer.lr_schedule(TRAIN)
+  const = ldm_training.lr_schedule(TRAIN)
   assert [float(const(n)) for n in (0, 10**6)] == pytest.approx([peak, peak])
-  warm = trainer.lr_schedule(dict(TRAIN, warmup_steps=10))
+  warm = ldm_training.lr_schedule(dict(TRAIN, warmup_steps=10))
   assert [float(warm(n)) for n in (0, 5, 10, 500)] == pytest.approx(
       [0.0, peak / 2, peak, peak])
-  cos = trainer.lr_schedule(dict(TRAIN, lr_schedule="cosine", steps=100))
+  cos = ldm_training.lr_schedule(dict(TRAIN, lr_schedule="cosine", steps=100))
   # Half-way down a cosine from the peak to 5% of it, then held there.
   assert [float(cos(n)) for n in (0, 50, 100, 200)] == pytest.approx(
       [peak, 0.525 * peak, 0.05 * peak, 0.05 * peak])
   with pytest.raises(ValueError, match="lr_schedule='linear'"):
-    trainer.lr_schedule(dict(TRAIN, lr_schedule="linear"))
+    ldm_training.lr_schedule(dict(TRAIN, lr_schedule="linear"))
 
 
 def test_ema_follows_litema_warmup():
@@ -80,7 +80,7 @@ def test_ema_follows_litema_warmup():
   state, metrics = _run(accum=1, steps=2)
   assert float(metrics["ema_decay"]) == pytest.approx(3 / 12)
   assert int(state.ema_updates) == 2
-  np.testing.assert_allclose(trainer.ema_decay(jnp.asarray(10**6), 0.9999),
+  np.testing.assert_allclose(ldm_training.ema_decay(jnp.asarray(10**6), 0.9999),
                              0.9999)
 
 
@@ -97,7 +97,7 @@ def test_first_stage_and_step_counter():
 def test_nonfinite_step_is_not_applied_when_skipping():
   _, params, fs, batch = _setup()
   opt, step = _compiled(1, "skip")
-  state = trainer.init_state(params, opt)
+  state = ldm_training.init_state(params, opt)
   bad_fs = jax.tree.map(lambda x: x * jnp.nan, fs)  # NaN latents
   new, metrics = step(state, batch, bad_fs, jax.random.key(0))
   assert not bool(metrics["finite"]) and int(new.skipped) == 1
@@ -111,7 +111,7 @@ def test_nonfinite_step_is_counted_when_stopping():
   before anything is saved (tests/test_train_e2e.py)."""
   _, params, fs, batch = _setup()
   opt, step = _compiled(1, "stop")
-  state = trainer.init_state(params, opt)
+  state = ldm_training.init_state(params, opt)
   new, metrics = step(state, batch, fs, jax.random.key(0))
   assert bool(metrics["finite"]) and int(new.skipped) == 0
   bad_fs = jax.tree.map(lambda x: x * jnp.nan, fs)

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from configs import seg_f4
-from segldm_jax import autoencoder_training as vqt
+from segldm_jax import vq_training as vqt
 from segldm_jax.data.synthetic import SyntheticSource
 from segldm_jax.models.build import build_model, init_params
 

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 
 from segldm_jax.diffusion import schedule as schedule_lib
-from segldm_jax import infer_config
-from segldm_jax import torch_io
+from segldm_jax.convert import infer_config
+from segldm_jax.convert import torch_io
 from segldm_jax.models import build
 
 Params = dict[str, Any]
@@ -35,7 +35,7 @@ SCHEDULE_BUFFERS = (
     "posterior_variance", "posterior_log_variance_clipped",
     "posterior_mean_coef1", "posterior_mean_coef2")
 # Training-only parts of a trained VQGAN (LPIPS, discriminator, KL logvar).
-_IGNORED_PREFIXES = {"loss.": "autoencoder training loss (LPIPS/discriminator)"}
+IGNORED_PREFIXES = {"loss.": "autoencoder training loss (LPIPS/discriminator)"}
 LDM_PREFIXES = {"unet": "model.diffusion_model.", "cond_stage": "cond_stage_model.",
                 "first_stage": "first_stage_model."}
 EMA_PREFIX = "model_ema."
@@ -183,12 +183,12 @@ def ema_key(unet_key: str) -> str:
 
 def _ignore_rest(state_dict, report: Report, claimed: set[str],
                  strict: bool = True) -> None:
-  """Marks the keys of _IGNORED_PREFIXES ignored; with `strict`, any other
+  """Marks the keys of IGNORED_PREFIXES ignored; with `strict`, any other
   key not in `claimed` is an error."""
   for key in state_dict:
     if key in claimed or key in report.ignored:
       continue
-    for p, reason in _IGNORED_PREFIXES.items():
+    for p, reason in IGNORED_PREFIXES.items():
       if key.startswith(p) or key.startswith("first_stage_model." + p):
         report.ignored[key] = reason
         break

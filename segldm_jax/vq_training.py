@@ -18,14 +18,23 @@ caller wraps it in `jax.jit` (with shardings / donation as it likes).
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import tqdm
 
+from segldm_jax import checkpoints
+from segldm_jax import parallel
+from segldm_jax import viz
+from segldm_jax.data import check as data_check
+from segldm_jax.data import pipeline
 from segldm_jax.data.device import images_to_model_range
+from segldm_jax.data.device import model_range_to_images
 from segldm_jax.models.autoencoder import VQModel
 from segldm_jax.models.build import init_params
 
@@ -283,3 +292,56 @@ def vq_optimizer(learning_rate: float | optax.Schedule, *,
   parts.append(optax.adamw(learning_rate, b1=b1, b2=b2,
                            weight_decay=weight_decay, mask=decay_mask))
   return optax.chain(*parts)
+
+
+# --------------------------------------------------------------------------
+# The demo's first stage: trained here, then frozen for the LDM.
+# --------------------------------------------------------------------------
+
+
+def train_first_stage(module, config, mesh, source, out: pathlib.Path, node: dict):
+  """Trains a VQ autoencoder on the run's images and saves it to `out`."""
+  fs = config.first_stage
+  batch = fs.train_batch_size
+  optimizer = vq_optimizer(fs.learning_rate, decay_steps=fs.train_steps,
+                              warmup_steps=fs.warmup_steps,
+                              b1=fs.adam_b1, b2=fs.adam_b2)
+  step_fn = make_vq_train_step(
+      module, optimizer, mse_weight=fs.mse_weight,
+      quantize_warmup_steps=fs.quantize_warmup_steps)
+  crop_rng = np.random.default_rng([config.seed, 1])
+  repl = parallel.replicated(mesh)
+  state = jax.jit(lambda k: create_vq_train_state(module, optimizer, k),
+                  out_shardings=repl)(jax.random.key(config.seed + 1))
+  step_fn = jax.jit(step_fn, in_shardings=(repl, parallel.batch_sharding(mesh)),
+                    out_shardings=(repl, repl), donate_argnums=(0,))
+  data = iter(pipeline.make_dataset(
+      source, image_size=config.data.image_size,
+      batch_size=batch // jax.process_count(), seed=config.seed + 1,
+      num_workers=config.data.num_workers,
+      bad_records=config.data.get("bad_records", "error")))
+  data = map(data_check.BadRecordLog(source), data)  # warns on skipped ones
+  bar = tqdm.tqdm(range(fs.train_steps), desc="first stage (VQ)",
+                  disable=jax.process_index() != 0, dynamic_ncols=True)
+  for i in bar:
+    local = next(data)["image"]
+    if fs.train_crop:  # one window per step, the same in every process
+      y, x = crop_rng.integers(0, np.array(local.shape[1:3]) - fs.train_crop + 1)
+      local = local[:, y:y + fs.train_crop, x:x + fs.train_crop]
+    images = parallel.global_batch({"image": local}, mesh)["image"]
+    if i == 0:
+      step_fn = parallel.compile_for_all(step_fn, state, images,
+                                         name="vq_step_compiled")
+    state, m = step_fn(state, images)
+    if i % 25 == 0 or i == fs.train_steps - 1:
+      m = jax.device_get(m)
+      bar.set_postfix(l1=f"{float(m['rec_l1']):.4f}",
+                      psnr=f"{float(m['psnr']):.1f}")
+  params = jax.device_get(state.params)
+  checkpoints.save_model_dir(out, node, params)
+  if jax.process_index() == 0:
+    images = next(data)["image"][:8]
+    rec, _, _ = module.apply({"params": params}, images_to_model_range(images))
+    rec = np.asarray(model_range_to_images(rec))
+    viz.save_png(viz.grid([images, rec]), out / "reconstructions.png")
+  return params

@@ -1,0 +1,82 @@
+"""Where things live in a workdir and a model directory, and the checks
+that a workdir can hold a run (writable, room for its checkpoints).
+
+A **model directory** holds one network, e.g. a converted vq-f4:
+
+    DIR/model.yaml    LDM-style config node (`model: {target, params}`)
+    DIR/params/       orbax checkpoint of the Flax parameter tree
+    DIR/report.txt    what the conversion did (when converted)
+
+A **workdir** holds a latent diffusion run (trained here or converted):
+
+    WORKDIR/config.json        the resolved run config (`model` = LDM node)
+    WORKDIR/first_stage/       model directory of the frozen VQ
+    WORKDIR/checkpoints/STEP/  orbax items: params {unet, cond_stage},
+                               ema_params {unet}, meta (JSON), and, for
+                               training runs, opt_state. The data position
+                               is not saved: it is the step (batch k of the
+                               stream is a function of the seed and k).
+    WORKDIR/metrics.jsonl, tensorboard/, samples/   logs and pictures
+"""
+
+import math
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+
+from segldm_jax import errors
+from segldm_jax import formatting
+
+MODEL_FILE = "model.yaml"
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+FIRST_STAGE_DIR = "first_stage"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def ensure_writable(workdir: pathlib.Path) -> None:
+  """Fails at once (not hours later, at the first save) on a bad workdir."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    # One name per process: hosts sharing the workdir must not unlink each
+    # other's probe.
+    probe = workdir / f".write_probe.{os.getpid()}.{jax.process_index()}"
+    probe.write_bytes(b"\0" * 4096)
+    probe.unlink()
+  except OSError as e:
+    raise errors.WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}")
+
+
+def tree_nbytes(tree: Any) -> int:
+  """Bytes of a tree of arrays or ShapeDtypeStructs (e.g. an abstract state)."""
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def check_free_space(workdir: pathlib.Path, state_bytes: int, keep: int,
+                     existing: int = 0) -> None:
+  """Fails at once when the workdir's filesystem cannot hold the checkpoints
+  this run will keep, instead of at a save hours later.
+
+  Orbax writes a new step before it deletes the oldest, so up to `keep` + 1
+  train states (params, EMA, optimiser) sit on disk; `existing` of them
+  (a resumed run's) are already there.
+  """
+  keep = max(int(keep), 0)
+  copies = max(1, keep + 1 - min(int(existing), keep))
+  needed = state_bytes * copies
+  # Orbax metadata, samples, logs and the first stage are small next to it.
+  needed += max(64 << 20, needed // 50)
+  free = shutil.disk_usage(workdir).free
+  if free < needed:
+    already = f", {existing} already saved" if existing else ""
+    raise errors.WorkdirError(
+        f"workdir {workdir}: {formatting.human_bytes(free)} free on its filesystem, but "
+        f"its checkpoints need {formatting.human_bytes(needed)} ({copies} x "
+        f"{formatting.human_bytes(state_bytes)} train state: train.keep_checkpoints="
+        f"{keep} + 1 being written{already}, plus margin); free space, pass "
+        "--config.train.keep_checkpoints=1 or use a --workdir on a bigger disk")
