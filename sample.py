@@ -30,31 +30,22 @@ mask-adherence mIoU of the samples.
 import argparse
 import functools
 import json
-import math
 import pathlib
 import sys
 
 import jax
 import numpy as np
-from PIL import Image
-import tqdm
 
-from segldm_jax import errors
-from segldm_jax import checkpoints
+from segldm_jax import cli
 from segldm_jax import editing
+from segldm_jax import errors
 from segldm_jax import evaluate
-from segldm_jax import first_stage as first_stage_lib
-from segldm_jax import palette as palette_lib
-from segldm_jax import run_config
 from segldm_jax import sampling
+from segldm_jax import trained_model
 from segldm_jax import viz
 from segldm_jax import xla_cpu
-from segldm_jax.data import folder as folder_lib
-from segldm_jax.data import base as data_base
-from segldm_jax.data import labels as labels_lib
-from segldm_jax.data import pipeline
+from segldm_jax.data import masks as masks_lib
 from segldm_jax.diffusion import samplers
-from segldm_jax.models import build
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,197 +90,93 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def _fit(array: np.ndarray, size: int, resample) -> np.ndarray:
-  """Shorter side to `size`, then the centre size x size crop."""
-  h, w = array.shape[:2]
-  scale = size / min(h, w)
-  img = Image.fromarray(array).resize(
-      (max(size, round(w * scale)), max(size, round(h * scale))), resample)
-  a = np.asarray(img)
-  y, x = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
-  return a[y:y + size, x:x + size]
-
-
-def _label_spec(config) -> labels_lib.LabelSpec:
-  # 255 is never a class id, so it always means "don't care" here.
-  ignore = config.data.get("ignore_label")
-  return labels_lib.LabelSpec.create(
-      config.data.num_classes,
-      ignore_label=data_base.IGNORE_ID if ignore is None else ignore,
-      palette=config.data.get("palette") or None,
-      remap=config.data.get("remap") or None)
-
-
-def _read_masks(path: pathlib.Path, config, size: int):
-  """PNG file or folder -> (names, labels (N, size, size) uint8)."""
-  files = sorted(path.rglob("*.png")) if path.is_dir() else [path]
-  if not files:
-    sys.exit(f"--masks {path}: no PNG label maps found")
-  spec = _label_spec(config)
-  try:
-    out = [_fit(folder_lib.read_mask(str(f), spec), size, Image.NEAREST)
-           for f in files]
-  except data_base.DataError as e:
-    sys.exit(f"error: {e}")
-  return [f.stem for f in files], np.stack(out)
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  xla_cpu.use_xnnpack_convolutions()  # before any device is touched
-  workdir = args.workdir.absolute()
-  try:
-    config = run_config.load(workdir)
-  except run_config.ConfigError as e:
-    sys.exit(f"error: {e}")
-  ldm = build.build_model(config.model)
-  num_classes = int(ldm.cond_stage.in_channels)
-  if "data" not in config:
-    if args.masks is None:
-      sys.exit(f"error: {workdir} has no dataset in its config (a converted "
-               "checkpoint?); pass --masks PATH")
-    config.data = {"num_classes": num_classes, "image_size": (
-        int(config.model.params.image_size) * ldm.downsample_factor)}
-  train_size = int(config.data.image_size)
-  mask_stages = int(math.log2(
-      train_size // int(config.data.get("mask_size") or train_size)))
-  size = args.size or train_size
-  unet_levels = len(config.model.params.unet_config.params.channel_mult) - 1
-  step_px = ldm.downsample_factor * 2 ** (mask_stages + unet_levels)
-  if size % step_px:
-    sys.exit(f"error: --size {size} is not a multiple of {step_px} (the "
-             "first stage's factor x the UNet's and the mask's halvings); "
-             f"use {size // step_px * step_px or step_px}")
-
-  try:
-    params, step = checkpoints.restore_params(workdir, ldm, use_ema=args.ema)
-  except errors.CheckpointMismatchError as e:
-    sys.exit(f"error: {e}")
-  found = first_stage_lib.load_existing(config, workdir)
-  if found is None:
-    sys.exit(f"error: {workdir} has no first stage (first_stage/ or "
-             "first_stage.checkpoint in config.json)")
-  fs_params = found[1]
-
-  sample_cfg = config.get("sample", {})
-  opts = dict(
-      sampler=args.sampler or sample_cfg.get("sampler", "ddim"),
-      steps=args.steps or int(sample_cfg.get("steps", 50)),
-      eta=(args.eta if args.eta is not None
-           else float(sample_cfg.get("eta", 0.0))),
-      mask_stages=mask_stages,
-      guidance_scale=(args.guidance_scale if args.guidance_scale is not None
-                      else float(sample_cfg.get("guidance_scale", 1.0))))
+def _tag(opts: dict, size: int, train_size: int, large: str) -> str:
+  """Names the output folder after how the samples were made."""
   tag = f"{opts['sampler']}{opts['steps']}"
   if opts["guidance_scale"] != 1.0:
     tag += f"_cfg{opts['guidance_scale']:g}"
-  summary = {"workdir": str(workdir), "step": step, "seed": args.seed,
-             "ema": args.ema, **opts}
+  if size != train_size:
+    tag += f"_{size}px_{large}"
+  return tag
+
+
+@cli.main_exits
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  xla_cpu.use_xnnpack_convolutions()  # before any device is touched
+  model = trained_model.load(args.workdir, use_ema=args.ema)
+  g = model.geometry
+  size = args.size or g.image
+  if size % g.step_px:
+    raise errors.InputError(
+        f"--size {size} is not a multiple of {g.step_px} (the first stage's "
+        "factor x the UNet's and the mask's halvings); use "
+        f"{size // g.step_px * g.step_px or g.step_px}")
+  opts = model.sample_options(sampler=args.sampler, steps=args.steps,
+                              eta=args.eta, guidance_scale=args.guidance_scale)
+  large = "tiles" if size > g.image and args.large == "tiles" else "direct"
+  tag = _tag(opts, size, g.image, large)
+  summary = {"workdir": str(model.workdir), "step": model.step,
+             "seed": args.seed, "ema": args.ema, **opts}
   key = jax.random.key(args.seed)
-  if args.edit_image is not None:
-    out = args.out or workdir / f"edits_step{step}_{tag}"
-    return _edit(args, config, ldm, params, fs_params, size, opts, key, out,
-                 summary)
 
-  source = None
+  if args.edit_image is not None:  # one photo: regenerate a region
+    (_, old), (_, new) = (masks_lib.read_masks(p, model.config.data, size)
+                          for p in (args.masks, args.edit_labels))
+    if len(old) != 1 or len(new) != 1:
+      raise errors.InputError(
+          "an edit takes one --masks file and one --edit_labels file")
+    summary.update(edit_image=str(args.edit_image), **editing.run_edit(
+        model, masks_lib.read_photo(args.edit_image, size), old[0], new[0],
+        margin=args.edit_margin or 2 * model.ldm.downsample_factor,
+        num_samples=args.num_samples, options=opts, key=key,
+        out=args.out or model.workdir / f"edits_step{model.step}_{tag}",
+        stem=args.edit_image.stem, names=(str(args.masks),
+                                          str(args.edit_labels))))
+    return _finish(summary, pathlib.Path(summary["out"]))
+
   if args.masks is not None:
-    names, labels = _read_masks(args.masks, config, size)
+    names, labels = masks_lib.read_masks(args.masks, model.config.data, size)
+    source = None
+  elif model.has_dataset:
+    names, labels, source = masks_lib.dataset_masks(
+        model.config.data, size, args.num_masks or int(
+            model.config.get("sample", {}).get("num_masks", 8)),
+        seed=model.config.get("seed", 0))
   else:
-    data = config.data.copy_and_resolve_references()
-    data.image_size = size  # the synthetic source renders at this size
-    source = pipeline.make_source(data)
-    n = args.num_masks or int(sample_cfg.get("num_masks", 8))
-    ds = pipeline.make_dataset(source, image_size=size, batch_size=n,
-                               seed=config.get("seed", 0), train=False,
-                               shard_index=0, shard_count=1,
-                               drop_remainder=False)
-    labels = next(iter(ds))["labels"]
-    names = [f"mask{i:04d}" for i in range(len(labels))]
-
-  tiled = size > train_size and args.large == "tiles"
-  if tiled:
-    tile = train_size // ldm.downsample_factor  # the training latent
+    raise errors.InputError(f"{model.workdir} has no dataset in its config "
+                            "(a converted checkpoint?); pass --masks PATH")
+  if large == "tiles":
+    tile = g.image // g.factor  # the training latent
     overlap = tile // 4 if args.tile_overlap is None else args.tile_overlap
     run = functools.partial(sampling.generate_tiled, tile=tile,
                             overlap=overlap, **opts)
-    tag += f"_{size}px_tiles"
     summary.update(size=size, large="tiles", tile=tile, tile_overlap=overlap)
   else:
     run = functools.partial(sampling.generate, **opts)
-    if size != train_size:
-      tag += f"_{size}px_direct"
+    if size != g.image:
       summary.update(size=size, large="direct")
-  out = args.out or workdir / f"samples_step{step}_{tag}"
+  out = args.out or model.workdir / f"samples_step{model.step}_{tag}"
+  images = sampling.sample_in_batches(
+      run, model.ldm, model.params, model.first_stage_params, labels,
+      args.num_samples, args.batch_size, key, desc=tag)
   out.mkdir(parents=True, exist_ok=True)
-
-  # Each mask repeated num_samples times; batches in a fixed order, keyed by
-  # (seed, batch index): the same seed and batch size give the same images.
-  rep = np.repeat(labels, args.num_samples, axis=0)
-  images = []
-  for b, start in enumerate(tqdm.trange(0, len(rep), args.batch_size,
-                                        desc=tag)):
-    chunk = rep[start:start + args.batch_size]
-    images.append(np.asarray(run(ldm, params, fs_params, chunk,
-                                 jax.random.fold_in(key, b))))
-  images = np.concatenate(images).reshape(len(labels), args.num_samples,
-                                          size, size, 3)
   for name, per_mask in zip(names, images):
     for k, img in enumerate(per_mask):
       viz.save_png(img, out / f"{name}_{k}.png")
-  viz.save_png(viz.mask_sample_grid(labels, images, num_classes),
+  viz.save_png(viz.mask_sample_grid(labels, images, model.num_classes),
                out / "grid.png")
-  summary.update(masks=len(labels),
-                 samples=int(images.shape[0] * images.shape[1]), out=str(out))
-  if source is not None and config.data.source == "synthetic":
-    pred = evaluate.segment_synthetic(images.reshape(-1, size, size, 3),
-                                      num_classes)
-    summary["mask_miou"] = float(evaluate.mean_iou(pred, rep, num_classes))
-  (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  print(json.dumps(summary))
-  return 0
+  summary.update(masks=len(labels), samples=int(images.shape[0] *
+                                                 images.shape[1]), out=str(out))
+  if source is not None and model.config.data.source == "synthetic":
+    pred = evaluate.segment_synthetic(images.reshape(-1, *images.shape[2:]),
+                                      model.num_classes)
+    summary["mask_miou"] = evaluate.mean_iou(
+        pred, np.repeat(labels, args.num_samples, axis=0), model.num_classes)
+  return _finish(summary, out)
 
 
-def _edit(args, config, ldm, params, fs_params, size, opts, key, out,
-          summary) -> int:
-  """Region edit of one photo; writes the results and a picture strip."""
-  try:
-    photo = _fit(folder_lib.read_image(str(args.edit_image)), size,
-                 Image.BICUBIC)
-  except data_base.DataError as e:
-    sys.exit(f"error: {e}")
-  _, old = _read_masks(args.masks, config, size)
-  _, new = _read_masks(args.edit_labels, config, size)
-  if len(old) != 1 or len(new) != 1:
-    sys.exit("error: an edit takes one --masks file and one --edit_labels file")
-  margin = args.edit_margin or 2 * ldm.downsample_factor
-  keep, weight = editing.edit_masks(old, new, ldm.downsample_factor, margin)
-  if keep.min() == 1.0:
-    sys.exit(f"error: {args.edit_labels} has the same labels as {args.masks}: "
-             "nothing to edit")
-  n = args.num_samples
-  results = []
-  for b in tqdm.trange(n, desc="edit"):
-    gen = np.asarray(sampling.edit(
-        ldm, params, fs_params, photo[None], new, keep,
-        jax.random.fold_in(key, b), **opts))
-    results.append(editing.composite(photo[None], gen, weight)[0])
-  out.mkdir(parents=True, exist_ok=True)
-  stem = args.edit_image.stem
-  for k, img in enumerate(results):
-    viz.save_png(img, out / f"{stem}_edit_{k}.png")
-  colours = palette_lib.palette(int(config.data.num_classes))
-  strip = viz.grid([np.stack([photo, palette_lib.colorize(old[0], colours),
-                              palette_lib.colorize(new[0], colours),
-                              *results])])
-  viz.save_png(strip, out / f"{stem}_edit_strip.png")
-  summary.update(edit_image=str(args.edit_image), edit_margin=margin,
-                 changed_pixels=int((old != new).sum()),
-                 regenerated_latents=int((keep == 0).sum()),
-                 kept_pixels=int((weight[0] == 0).sum()),
-                 max_error_outside=int(max(
-                     np.abs(r.astype(int) - photo)[weight[0] == 0].max(
-                         initial=0) for r in results)),
-                 samples=n, out=str(out))
+def _finish(summary: dict, out: pathlib.Path) -> int:
   (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   print(json.dumps(summary))
   return 0

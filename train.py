@@ -4,18 +4,16 @@ r"""Train a segmentation-conditioned latent diffusion model.
       [--config.train.batch_size=16 ...]
 
 A run resumes from the newest checkpoint in DIR by default (model, optimiser,
-EMA, step and data iterator), so re-running the same command after a crash
-continues where it stopped and sees the same batches.
+EMA and step; the data stream is a function of the seed and the step), so
+re-running the same command after a crash continues where it stopped and
+sees the same batches.
 """
 
-import functools
 import itertools
 import json
 import logging as pylogging
-import math
 import pathlib
 import signal
-import sys
 import time
 
 from absl import app
@@ -23,24 +21,21 @@ from absl import flags
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
-import orbax.checkpoint as ocp
 import tqdm
 
-from segldm_jax import saved_shapes
-from segldm_jax import layout
-from segldm_jax import errors
 from segldm_jax import checkpoints
+from segldm_jax import cli
+from segldm_jax import errors
 from segldm_jax import first_stage as first_stage_lib
+from segldm_jax import ldm_training
 from segldm_jax import metrics as metrics_lib
 from segldm_jax import parallel
+from segldm_jax import previews
 from segldm_jax import run_config
-from segldm_jax import sampling
-from segldm_jax import ldm_training
+from segldm_jax import startup
 from segldm_jax import xla_cpu
-from segldm_jax import viz
 from segldm_jax.data import check as data_check
 from segldm_jax.data import pipeline
 from segldm_jax.models import build
@@ -64,20 +59,48 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a config mistake reported in one line.
+def _train_batches(config, source, start: startup.Start, mesh):
+  """-> (global batches from the run's step on, the first of them, the
+  skip-mode bad-record log)."""
+  # Batch k of the stream is a pure function of (seed, k): a resumed run
+  # starts at its step and sees what an uninterrupted run would have seen.
+  data_iter = iter(pipeline.make_dataset(
+      source, image_size=start.geometry.image,
+      batch_size=config.train.batch_size // jax.process_count(),
+      seed=config.seed, train=True, num_workers=config.data.num_workers,
+      start_batch=start.step,
+      bad_records=config.data.get("bad_records", "error")))
+  # Skip mode's per-record flags are counted here on the host and never
+  # reach the devices (the step's batch sharding covers image and labels).
+  bad_log = data_check.BadRecordLog(source)
+  batches = (parallel.global_batch(bad_log(b), mesh) for b in data_iter)
+  # Peeked: scale_by_std measures it, and every process compiles the step on
+  # it before the first collective.
+  first_batch = next(batches)
+  return itertools.chain([first_batch], batches), first_batch, bad_log
 
-  ml_collections raises a multi-line AttributeError/KeyError (a traceback)
-  for an unknown override such as --config.train.batchsize=8, and defers a
-  config file that failed to load until first use.
-  """
-  try:
-    rest = FLAGS(argv)
-    FLAGS.config.get("seed")  # a config file that did not load raises here
-    return rest
-  except (flags.Error, AttributeError, KeyError, OSError, TypeError,
-          ValueError) as e:
-    sys.exit(f"config error: {run_config.flag_error(argv, e)}")
+
+def _count_bad_records(config, bad_log) -> dict[str, int]:
+  """Bad records skipped since this run (re)started, all processes."""
+  if config.data.get("bad_records", "error") != "skip":
+    return {}
+  total = np.int64(bad_log.total)
+  if jax.process_count() > 1:
+    total = multihost_utils.process_allgather(total).sum()
+  return {"bad_records": int(total)}
+
+
+class _StopSignal:
+  """SIGTERM (a preemption notice) or SIGINT: finish the step, save, exit."""
+
+  def __init__(self):
+    self.signum = None
+    signal.signal(signal.SIGTERM, self._handle)
+    signal.signal(signal.SIGINT, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
 
 
 class _OnlyOurInfo(pylogging.Filter):
@@ -87,6 +110,7 @@ class _OnlyOurInfo(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
+@cli.main_exits
 def main(argv):
   del argv
   xla_cpu.use_xnnpack_convolutions()  # before any device is touched
@@ -94,7 +118,7 @@ def main(argv):
   if FLAGS.check_data:  # before any device, model or workdir is touched
     report = data_check.check_data(FLAGS.config.data)
     print(report.summary())
-    sys.exit(0 if report.ok else 1)
+    return 0 if report.ok else 1
   parallel.maybe_initialize_distributed(
       FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   config = FLAGS.config
@@ -104,51 +128,14 @@ def main(argv):
   #                           Logging and workdir                         #
   # ===================================================================== #
   is_main = jax.process_index() == 0
-  try:
-    geometry = run_config.validate(config)
-    # What later sections would trip over, after minutes of work: the mesh,
-    # the first stage and, resuming, the workdir's config and saved tensors
-    # (metadata and shapes only).
-    run_config.check_mesh(config, jax.process_count())
-    first_stage_lib.check(config, workdir)
-    layout.ensure_writable(workdir)
-    mgr = checkpoints.train_checkpoint_manager(workdir, config.train)
-    start_step = mgr.latest_step() or 0
-    # Shapes only (no weights): what saved tensors and free space are
-    # checked against, before the first stage or a sample is written; the
-    # Sharding section derives the state's shardings from the same.
-    optimizer = ldm_training.make_optimizer(config.train)
-    param_shapes = saved_shapes.ldm_param_shapes(build.build_model(config.model))
-    abstract_state = jax.eval_shape(
-        lambda p: ldm_training.init_state(p, optimizer), param_shapes)
-    saved_config = None  # the Model section overwrites it; kept for errors
-    if start_step:
-      run_config.check_resume(config, workdir, start_step)
-      saved_shapes.check_saved_params(workdir, start_step, param_shapes)
-      if (workdir / layout.CONFIG_FILE).is_file():
-        saved_config = (workdir / layout.CONFIG_FILE).read_text()
-  except run_config.ConfigError as e:
-    sys.exit(f"config error: {e}")
-  except errors.CheckpointMismatchError as e:
-    sys.exit(f"config error: {e}; resume with the settings in "
-             f"{workdir / layout.CONFIG_FILE} or use a new --workdir")
-  # Fails now, not at a save hours later; a save that fails anyway (a disk
-  # filled meanwhile) ends the run in one line too (see checkpoints).
-  layout.check_free_space(
-      workdir, layout.tree_nbytes(abstract_state),
-      keep=config.train.keep_checkpoints, existing=len(mgr.all_steps()))
+  start = startup.preflight(config, workdir)  # config, mesh, workdir, resume
   logging.info("workdir %s; %d process(es), %d device(s): %s", workdir,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
 
   # ===================================================================== #
   #                                  Mesh                                 #
   # ===================================================================== #
-  mesh = parallel.make_mesh(config.mesh)
-  batch_devices = math.prod(mesh.shape[a] for a in parallel.batch_axes(mesh))
-  try:
-    run_config.check_batch_fits_mesh(config, batch_devices, jax.process_count())
-  except run_config.ConfigError as e:
-    sys.exit(f"config error: {e}")
+  mesh = parallel.make_mesh(config.mesh)  # preflight checked it fits
   repl = parallel.replicated(mesh)
   logging.info("mesh %s", dict(mesh.shape))
 
@@ -156,22 +143,7 @@ def main(argv):
   #                                 Input                                 #
   # ===================================================================== #
   source = pipeline.make_source(config.data)
-  bad_records = config.data.get("bad_records", "error")
-  # Batch k of the stream is a pure function of (seed, k): a resumed run
-  # starts at its step and sees what an uninterrupted run would have seen.
-  data_iter = iter(pipeline.make_dataset(
-      source, image_size=geometry["image"],
-      batch_size=config.train.batch_size // jax.process_count(),
-      seed=config.seed, train=True, num_workers=config.data.num_workers,
-      start_batch=start_step, bad_records=bad_records))
-  # Skip mode's per-record flags are counted here on the host and never
-  # reach the devices (the step's batch sharding covers image and labels).
-  bad_log = data_check.BadRecordLog(source)
-  batches = (parallel.global_batch(bad_log(b), mesh) for b in data_iter)
-  # Peeked: scale_by_std measures it, and every process compiles the step on
-  # it before the first collective.
-  first_batch = next(batches)
-  batches = itertools.chain([first_batch], batches)
+  batches, first_batch, bad_log = _train_batches(config, source, start, mesh)
 
   # ===================================================================== #
   #                                 Model                                 #
@@ -185,60 +157,45 @@ def main(argv):
     config.model.params.first_stage_config = fs_node
     if config.model.params.get("scale_by_std", False):
       config.model.params.scale_factor = first_stage_lib.std_scale_factor(
-          fs_module, fs_params, first_batch["image"], workdir, start_step)
+          fs_module, fs_params, first_batch["image"], workdir, start.step)
   geometry = run_config.geometry(config)
-  mask_stages = int(math.log2(geometry["image"] // geometry["mask"]))
-  ldm = build.build_model(config.model, dtype=jnp.float32)
+  ldm = build.build_model(config.model)
   if is_main:
     run_config.save(config, workdir)
 
   # ===================================================================== #
   #                                Sharding                               #
   # ===================================================================== #
-  def init_state(rng):
-    k_unet, k_cond = jax.random.split(rng)
-    params = {"unet": build.init_params(ldm.unet, k_unet),
-              "cond_stage": build.init_params(ldm.cond_stage, k_cond)}
-    return ldm_training.init_state(params, optimizer)
-
   rng = jax.random.key(config.seed)
   state_shardings = parallel.shardings_from_rules(
-      abstract_state, mesh, config.sharding_rules)
+      start.abstract_state, mesh, config.sharding_strategy)
   logging.info("parameters:\n%s", parallel.describe(
-      state_shardings.params, abstract_state.params))
+      state_shardings.params, start.abstract_state.params))
 
   # ===================================================================== #
   #                             Train step                                #
   # ===================================================================== #
-  batch_sharding = parallel.batch_sharding(mesh)
   step_fn = jax.jit(
-      ldm_training.make_train_step(ldm, optimizer, config.train, mask_stages),
-      in_shardings=(state_shardings, batch_sharding, repl, repl),
+      ldm_training.make_train_step(ldm, start.optimizer, config.train,
+                                   geometry.mask_stages),
+      in_shardings=(state_shardings, parallel.batch_sharding(mesh), repl, repl),
       out_shardings=(state_shardings, repl),
       donate_argnums=(0,))
 
   # ===================================================================== #
   #                              Checkpoints                              #
   # ===================================================================== #
-  if start_step == 0:
-    state = jax.jit(init_state, out_shardings=state_shardings)(
-        jax.random.fold_in(rng, -1 % 2**31))
-  else:
-    logging.info("resuming from step %d", start_step)
-    try:
-      state = checkpoints.restore_train_state(
-          mgr, start_step, abstract_state, state_shardings,
-          jax.jit(optimizer.init, out_shardings=state_shardings.opt_state))
-    except errors.CheckpointMismatchError as e:  # e.g. the optimiser
-      if is_main and saved_config is not None:  # this config never trained
-        (workdir / layout.CONFIG_FILE).write_text(saved_config)
-      sys.exit(f"config error: {e}; resume with the settings in "
-               f"{workdir / layout.CONFIG_FILE} or use a new --workdir")
-
+  state = startup.initial_state(start, workdir,
+                                ldm_training.fresh_state_fn(ldm, start.optimizer),
+                                jax.random.fold_in(rng, -1 % 2**31),
+                                state_shardings, is_main)
+  mgr = start.manager
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  writer.truncate_after(start_step)
-  preview_labels = first_stage_lib.preview_labels(source, config, geometry)
-  sample_key = jax.random.fold_in(rng, 2**30)
+  writer.truncate_after(start.step)
+  write_samples = previews.PreviewSampler(
+      ldm, config, previews.preview_labels(source, config, geometry.image),
+      fs_params, mesh, workdir, writer, geometry.mask_stages,
+      key=jax.random.fold_in(rng, 2**30))
 
   def stop_if_nonfinite(step: int) -> None:
     # With nonfinite=stop the step applies even a non-finite update (no
@@ -247,99 +204,62 @@ def main(argv):
       bar.close()
       writer.close()
       mgr.wait_until_finished()
-      sys.exit(f"non-finite loss or gradient by step {step}: stopped, and the "
-               f"last checkpoint ({mgr.latest_step()}) is intact; lower the "
-               "learning rate or set --config.train.nonfinite=skip")
+      raise errors.NonFiniteError(
+          f"non-finite loss or gradient by step {step}: stopped, and the last "
+          f"checkpoint ({mgr.latest_step()}) is intact; lower the learning "
+          "rate or set --config.train.nonfinite=skip")
 
   def save(step: int, force: bool = False) -> None:
     stop_if_nonfinite(step)
     checkpoints.save_train_state(mgr, step, state, force=force)
 
-  generate = jax.jit(functools.partial(
-      sampling.generate, ldm, sampler=config.sample.sampler,
-      steps=config.sample.steps, eta=config.sample.eta, mask_stages=mask_stages,
-      guidance_scale=float(config.sample.get("guidance_scale", 1.0))))
-  preview_labels_dev = jax.device_put(preview_labels, repl)
-
-  def write_samples(step: int) -> None:
-    nonlocal generate
-    params = {"unet": state.ema["unet"], "cond_stage": state.params["cond_stage"]}
-    if not isinstance(generate, jax.stages.Compiled):
-      generate = parallel.compile_for_all(
-          generate, params, fs_params, preview_labels_dev, sample_key,
-          name=f"sampler_compiled_{step}")
-    images = generate(params, fs_params, preview_labels_dev, sample_key)
-    grid = viz.mask_sample_grid(preview_labels, np.asarray(images),
-                                config.data.num_classes)
-    if is_main:
-      viz.save_png(grid, workdir / "samples" / f"step_{step:07d}.png")
-      writer.write_images(step, {"samples": grid})
-
   # ===================================================================== #
   #                              Train loop                               #
   # ===================================================================== #
-  stop = {"signal": None}
-
-  def on_signal(signum, frame):
-    del frame
-    stop["signal"] = signum
-
-  signal.signal(signal.SIGTERM, on_signal)
-  signal.signal(signal.SIGINT, on_signal)
-
+  stop = _StopSignal()
   lr = ldm_training.lr_schedule(config.train)
   total = config.train.steps
-  bar = tqdm.tqdm(total=total, initial=start_step, disable=not is_main,
+  bar = tqdm.tqdm(total=total, initial=start.step, disable=not is_main,
                   dynamic_ncols=True, desc="train")
   t_last, n_last = time.perf_counter(), 0
-  step = start_step
+  step = start.step
   if step < total:
     step_fn = parallel.compile_for_all(step_fn, state, first_batch, fs_params,
                                        rng, name="train_step_compiled")
-  while step < total and stop["signal"] is None:
-    batch = next(batches)
-    state, metrics = step_fn(state, batch, fs_params, rng)
+  while step < total and stop.signum is None:
+    state, metrics = step_fn(state, next(batches), fs_params, rng)
     step += 1
     bar.update(1)
 
     if config.train.log_every and step % config.train.log_every == 0 or step == total:
-      m = jax.device_get(metrics)
+      host_metrics = jax.device_get(metrics)  # waits for the step
       elapsed = time.perf_counter() - t_last
-      ips = (step - start_step - n_last) * config.train.batch_size / elapsed
-      t_last, n_last = time.perf_counter(), step - start_step
-      record = {"loss": float(m["loss"]),
-                "loss_simple": float(m["loss_simple"]),
-                "loss_vlb": float(m["loss_vlb"]), "lr": float(lr(step - 1)),
-                "grad_norm": float(m["grad_norm"]),
-                "ema_decay": float(m["ema_decay"]),
-                "skipped_steps": int(m["skipped"]), "images_per_sec": ips}
-      if bad_records == "skip":
-        # Bad records skipped since this run (re)started, all processes.
-        total_bad = np.int64(bad_log.total)
-        if jax.process_count() > 1:
-          total_bad = multihost_utils.process_allgather(total_bad).sum()
-        record["bad_records"] = int(total_bad)
+      ips = (step - start.step - n_last) * config.train.batch_size / elapsed
+      t_last, n_last = time.perf_counter(), step - start.step
+      record = {**ldm_training.log_record(host_metrics, lr(step - 1), ips),
+                **_count_bad_records(config, bad_log)}
       writer.write_scalars(step, record)
       bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{ips:.1f}")
       stop_if_nonfinite(step)
     if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
       save(step)
     if config.train.sample_every and step % config.train.sample_every == 0:
-      write_samples(step)
+      write_samples(step, state)
 
   bar.close()
-  if stop["signal"] is not None:
-    logging.warning("signal %d: saving step %d and exiting", stop["signal"], step)
+  if stop.signum is not None:
+    logging.warning("signal %d: saving step %d and exiting", stop.signum, step)
   save(step, force=True)
   mgr.wait_until_finished()
-  if (stop["signal"] is None and config.train.sample_every
+  if (stop.signum is None and config.train.sample_every
       and step % config.train.sample_every):
-    write_samples(step)  # the final model's samples, unless just written
+    write_samples(step, state)  # the final model's samples, unless just written
   writer.close()
   if is_main:
     print(json.dumps({"workdir": str(workdir), "step": step,
                       "checkpoint": mgr.latest_step()}))
+  return 0
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=lambda argv: cli.parse_config_flags(FLAGS, argv))

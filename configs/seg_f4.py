@@ -156,9 +156,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # --- mesh and sharding (big_vision style rule lists) ---------------------
   # Tuples, so that the command line can override them:
   #   --config.mesh="(('data', 1), ('fsdp', -1))"
-  #   --config.sharding_rules="(('.*', 'fsdp'),)"   # FSDP instead of DP
+  #   --config.sharding_strategy="(('.*', 'fsdp'),)"   # FSDP instead of DP
   c.mesh = (("data", -1), ("fsdp", 1))
-  c.sharding_rules = ((".*", "replicate"),)
+  c.sharding_strategy = ((".*", "replicate"),)
 
   if variant == "demo":
     _demo(c)

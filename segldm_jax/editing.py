@@ -10,7 +10,17 @@ pixels come wholly from the model, the pixels outside the region are the
 photo's own, and the band between fades from one into the other.
 """
 
+import pathlib
+from typing import Any
+
+import jax
 import numpy as np
+import tqdm
+
+from segldm_jax import errors
+from segldm_jax import palette as palette_lib
+from segldm_jax import sampling
+from segldm_jax import viz
 
 
 def _max_filter(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -83,3 +93,45 @@ def composite(original: np.ndarray, generated: np.ndarray,
   out = g * np.asarray(generated, np.float32) + (1.0 - g) * np.asarray(
       original, np.float32)
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def run_edit(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray, *,
+             margin: int, num_samples: int, options: dict[str, Any],
+             key: jax.Array, out: pathlib.Path, stem: str,
+             names: tuple[str, str] = ("the original labels",
+                                       "the edited labels")
+             ) -> dict[str, Any]:
+  """Regenerates the pixels whose label changed from `old` to `new` (one
+  photo, (H, W) label maps), `num_samples` times; writes each result,
+  a strip (photo, old labels, new labels, results) and returns a summary.
+
+  Args:
+    model: a `trained_model.TrainedModel`.
+    options: `sampling.edit`'s keyword arguments (sampler, steps, ...).
+    names: how messages call `old` and `new` (e.g. their files).
+  """
+  keep, weight = edit_masks(old, new, model.ldm.downsample_factor, margin)
+  if keep.min() == 1.0:
+    raise errors.InputError(f"{names[1]} has the same labels as {names[0]}: "
+                            "nothing to edit")
+  results = []
+  for b in tqdm.trange(num_samples, desc="edit"):
+    gen = np.asarray(sampling.edit(
+        model.ldm, model.params, model.first_stage_params, photo[None],
+        new[None], keep, jax.random.fold_in(key, b), **options))
+    results.append(composite(photo[None], gen, weight)[0])
+  out.mkdir(parents=True, exist_ok=True)
+  for k, img in enumerate(results):
+    viz.save_png(img, out / f"{stem}_edit_{k}.png")
+  colours = palette_lib.palette(model.num_classes)
+  strip = viz.grid([np.stack([photo, palette_lib.colorize(old, colours),
+                              palette_lib.colorize(new, colours), *results])])
+  viz.save_png(strip, out / f"{stem}_edit_strip.png")
+  outside = weight[0] == 0
+  return dict(edit_margin=margin, changed_pixels=int((old != new).sum()),
+              regenerated_latents=int((keep == 0).sum()),
+              kept_pixels=int(outside.sum()),
+              max_error_outside=int(max(
+                  np.abs(r.astype(int) - photo)[outside].max(initial=0)
+                  for r in results)),
+              samples=num_samples, out=str(out))

@@ -14,6 +14,10 @@ class ConfigError(UserError, ValueError):
   """A run config is contradictory or incomplete (names the key to change)."""
 
 
+class InputError(UserError, ValueError):
+  """A file or value given to a script cannot be used as it is."""
+
+
 class WorkdirError(UserError, OSError):
   """A workdir cannot be used: not writable, too little free space."""
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from segldm_jax import layout
+from segldm_jax import errors
 from segldm_jax import vq_training
 from segldm_jax import checkpoints
 from segldm_jax import run_config
@@ -48,7 +49,7 @@ def check(config, workdir: pathlib.Path) -> None:
   latents fit the LDM config. Reads metadata only.
 
   Raises:
-    run_config.ConfigError: one line naming the first stage and the problem.
+    errors.ConfigError: one line naming the first stage and the problem.
   """
   checkpoint = config.get("first_stage", {}).get("checkpoint")
   own = workdir / layout.FIRST_STAGE_DIR
@@ -62,9 +63,9 @@ def check(config, workdir: pathlib.Path) -> None:
   try:
     node = checkpoints.check_model_dir(path)
   except (OSError, ValueError) as e:  # not found, mismatch, bad model.yaml
-    raise run_config.ConfigError(f"{what}: {e}") from None
+    raise errors.ConfigError(f"{what}: {e}") from None
   if node.get("target") not in build.VQ_TARGETS:
-    raise run_config.ConfigError(
+    raise errors.ConfigError(
         f"{what} holds a {node.get('target')}, not a VQ first stage; "
         "convert the VQ (e.g. vq-f4/model.ckpt) and pass its directory")
   trial = config.copy_and_resolve_references()
@@ -72,8 +73,8 @@ def check(config, workdir: pathlib.Path) -> None:
     trial.model.params.first_stage_config = node
   try:
     run_config.geometry(trial)
-  except run_config.ConfigError as e:
-    raise run_config.ConfigError(f"with {what}: {e}") from None
+  except errors.ConfigError as e:
+    raise errors.ConfigError(f"with {what}: {e}") from None
 
 
 def prepare(config, workdir: pathlib.Path, mesh, source):
@@ -96,9 +97,11 @@ def prepare(config, workdir: pathlib.Path, mesh, source):
     # Saved, so sample.py and resumed runs see the same weights.
     checkpoints.save_model_dir(own, node, jax.device_get(params))
   else:
-    raise SystemExit("first_stage.checkpoint is empty; see configs/seg_f4.py")
+    raise errors.ConfigError(
+        "first_stage.checkpoint is empty; see configs/seg_f4.py")
   if not isinstance(module, build.VQModel):
-    raise SystemExit(f"first stage must be a VQ model, got {node.get('target')}")
+    raise errors.ConfigError(
+        f"first stage must be a VQ model, got {node.get('target')}")
   return module, params, node
 
 

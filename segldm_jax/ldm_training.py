@@ -17,6 +17,7 @@ import optax
 from segldm_jax.data import device as data_device
 from segldm_jax.data.base import IGNORE_ID
 from segldm_jax.diffusion import objective
+from segldm_jax.models import build
 from segldm_jax.models.ldm import LatentDiffusion
 
 Params = Any
@@ -95,6 +96,18 @@ def init_state(params: Params, optimizer: optax.GradientTransformation,
                     opt_state=optimizer.init(params),
                     ema_updates=jnp.asarray(ema_updates, jnp.int32),
                     skipped=jnp.zeros((), jnp.int32))
+
+
+def fresh_state_fn(ldm: LatentDiffusion, optimizer: optax.GradientTransformation
+                   ) -> Callable[[jax.Array], TrainState]:
+  """-> rng -> a new train state (random UNet and rescaler weights)."""
+  def init(rng: jax.Array) -> TrainState:
+    k_unet, k_cond = jax.random.split(rng)
+    params = {"unet": build.init_params(ldm.unet, k_unet),
+              "cond_stage": build.init_params(ldm.cond_stage, k_cond)}
+    return init_state(params, optimizer)
+
+  return init
 
 
 def ema_decay(updates: jax.Array, max_decay: float) -> jax.Array:
@@ -240,3 +253,15 @@ def drop_regions(key: jax.Array, labels: jax.Array, prob: float) -> jax.Array:
 def _zero_parts():
   return {"loss": jnp.zeros(()), "loss_simple": jnp.zeros(()),
           "loss_vlb": jnp.zeros(())}
+
+
+def log_record(metrics: Mapping[str, Any], lr: float, images_per_sec: float
+               ) -> dict[str, float | int]:
+  """The scalars logged for a step, from the step's (host) metrics."""
+  return {"loss": float(metrics["loss"]),
+          "loss_simple": float(metrics["loss_simple"]),
+          "loss_vlb": float(metrics["loss_vlb"]), "lr": float(lr),
+          "grad_norm": float(metrics["grad_norm"]),
+          "ema_decay": float(metrics["ema_decay"]),
+          "skipped_steps": int(metrics["skipped"]),
+          "images_per_sec": images_per_sec}

@@ -1,41 +1,51 @@
 """Checks a run config before anything is built, and saves/loads it.
 
-Every failure is one line that names the key, the value, and the value that
-would work. Sizes that follow from others (the LDM's latent `image_size`,
-`channels`) are derived rather than checked.
+Every failure is one line (`errors.ConfigError`) that names the key, the
+value, and the value that would work. `geometry` and `validate` only read
+the config; `resolve` is the one place that writes the sizes that follow
+from others (the LDM's latent `image_size`, `channels`) into it.
 """
 
-import difflib
+import dataclasses
 import json
 import math
 import pathlib
-import re
 import shlex
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections as mlc
 
+from segldm_jax import formatting
 from segldm_jax import layout
+from segldm_jax.errors import ConfigError
 
 _SOURCES = ("folder", "tfds", "synthetic")
 
 
-class ConfigError(ValueError):
-  """A run config is contradictory or incomplete."""
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Sizes in pixels that the config's parts must agree on."""
+  image: int        # data.image_size: the training images' side
+  mask: int         # the masks' side as the dataset delivers them
+  latent: int       # image / factor: the UNet's input side
+  factor: int       # the first stage's downsampling factor (4 for VQ-f4)
+  mask_stages: int  # extra 2x2 averages for masks below image size
+  unet_levels: int  # the UNet's halvings
+
+  @property
+  def step_px(self) -> int:
+    """Sample sides must be multiples of this (first stage x UNet x mask)."""
+    return self.factor * 2 ** (self.mask_stages + self.unet_levels)
 
 
-def _p(config) -> Any:
-  return config.model.params
-
-
-def geometry(config: mlc.ConfigDict) -> dict[str, int]:
-  """Validates and returns {image, mask, latent, factor} sizes.
+def geometry(config: mlc.ConfigDict) -> Geometry:
+  """The run's sizes, after checking that they agree (reads only).
 
   The mask enters at image resolution (data.mask_size defaults to
   data.image_size) and the rescaler's `n_stages` halvings must bring it to the
   latent size; the UNet sees `concat([latent, rescaled mask])`.
   """
-  p = _p(config)
+  p = config.model.params
   vq = p.first_stage_config.params
   rescaler = p.cond_stage_config.params
   unet = p.unet_config.params
@@ -87,14 +97,24 @@ def geometry(config: mlc.ConfigDict) -> dict[str, int]:
         f"halves it {len(unet.channel_mult) - 1} times, "
         f"{pre}unet_config.params.channel_mult={list(unet.channel_mult)}); "
         f"use data.image_size={latent // levels * levels * factor or levels * factor}")
-  # Derived, not checked: bookkeeping sizes of the LDM config.
-  p.image_size = latent
-  unet.image_size = latent
-  p.channels = int(vq.embed_dim)
-  return {"image": image, "mask": mask, "latent": latent, "factor": factor}
+  return Geometry(image=image, mask=mask, latent=latent, factor=factor,
+                  mask_stages=int(math.log2(image // mask)),
+                  unet_levels=len(unet.channel_mult) - 1)
 
 
-def validate(config: mlc.ConfigDict) -> dict[str, int]:
+def resolve(config: mlc.ConfigDict) -> Geometry:
+  """Validates, then writes the derived bookkeeping sizes of the LDM config
+  (latent `image_size`, `channels`), as the reference's YAML holds them."""
+  g = validate(config)
+  p = config.model.params
+  with config.unlocked():
+    p.image_size = g.latent
+    p.unet_config.params.image_size = g.latent
+    p.channels = int(p.first_stage_config.params.embed_dim)
+  return g
+
+
+def validate(config: mlc.ConfigDict) -> Geometry:
   """All start-up checks that need no devices and no files; -> geometry."""
   if config.data.source not in _SOURCES:
     raise ConfigError(f"data.source={config.data.source!r}; use one of "
@@ -174,13 +194,14 @@ _DERIVED = ("model.params.unet_config.params.image_size",)
 # Keys that validate() requires equal: a fix for one must name both.
 _TIED = {f"{_RESUME_SUBTREES[0]}.in_channels": "data.num_classes",
          "data.num_classes": f"{_RESUME_SUBTREES[0]}.in_channels"}
-_MISSING = object()
+MISSING = object()
 
 
-def _get(tree: Any, dotted: str) -> Any:
+def get_key(tree: Any, dotted: str) -> Any:
+  """config['a']['b'] for 'a.b', or MISSING."""
   for part in dotted.split("."):
     if not hasattr(tree, "keys") or part not in tree.keys():
-      return _MISSING
+      return MISSING
     tree = tree[part]
   return tree
 
@@ -191,13 +212,6 @@ def _leaves(tree: Any, prefix: str) -> list[str]:
     return [prefix]
   return [leaf for k in tree.keys()
           for leaf in _leaves(tree[k], f"{prefix}.{k}")]
-
-
-def _plain(value: Any) -> Any:
-  """JSON-normal form, so tuples == lists and ConfigDicts == dicts."""
-  if hasattr(value, "to_dict"):
-    value = value.to_dict()
-  return json.loads(json.dumps(value, default=str))
 
 
 def cli_value(value: Any) -> str:
@@ -211,15 +225,15 @@ def resume_differences(config: mlc.ConfigDict, saved: Any
   run must keep (`_RESUME_KEYS`, every key under `_RESUME_SUBTREES`)."""
   keys = list(_RESUME_KEYS)
   for subtree in _RESUME_SUBTREES:
-    node = _get(saved, subtree)
-    if node is not _MISSING:
+    node = get_key(saved, subtree)
+    if node is not MISSING:
       keys += [k for k in _leaves(node, subtree) if k not in _DERIVED]
   diffs = []
   for key in keys:
-    old, new = _get(saved, key), _get(config, key)
-    if old is _MISSING or new is _MISSING:
+    old, new = get_key(saved, key), get_key(config, key)
+    if old is MISSING or new is MISSING:
       continue
-    old, new = _plain(old), _plain(new)
+    old, new = formatting.plain(old), formatting.plain(new)
     if old != new:
       diffs.append((key, old, new))
   return diffs
@@ -241,7 +255,7 @@ def check_resume(config: mlc.ConfigDict, workdir: pathlib.Path,
   fix = {k: v for k, v, _ in diffs}
   for k, v, _ in diffs:
     tied = _TIED.get(k)
-    if tied and tied not in fix and _get(config, tied) not in (_MISSING, v):
+    if tied and tied not in fix and get_key(config, tied) not in (MISSING, v):
       fix[tied] = v  # e.g. a converted workdir's config.json has no `data`
   fixes = " ".join(f"--config.{k}={cli_value(v)}"
                    for k, v in list(fix.items())[:6])
@@ -264,95 +278,3 @@ def load(workdir: str | pathlib.Path) -> mlc.ConfigDict:
     raise ConfigError(f"{path} not found: is {workdir} a workdir made by "
                       "train.py or convert_torch_ckpt.py?")
   return mlc.ConfigDict(json.loads(path.read_text()))
-
-
-# --------------------------------------------------------------------------
-# Command-line overrides (`--config.train.batch_size=16`).
-# --------------------------------------------------------------------------
-
-_OVERRIDE = re.compile(r"--(?:no)?config\.([^=\s]+)")
-
-
-def _one_line(text: str, limit: int = 400) -> str:
-  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-  if len(lines) > 1:  # e.g. "...config file:", a traceback, "ValueError: ..."
-    text = f"{lines[0].rstrip(':')}: {lines[-1]}"
-  elif lines:
-    text = lines[0]
-  return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def unknown_key(config: Any, dotted: str) -> str | None:
-  """'unknown config key train.batchsize; did you mean train.batch_size?'
-  for an override path the config lacks; None when it has it."""
-  node, done = config, []
-  parts = dotted.split(".")
-  for i, part in enumerate(parts):
-    name = part.split("[")[0]
-    if not hasattr(node, "keys"):
-      return (f"config key {'.'.join(done)} holds {_one_line(repr(node), 60)} "
-              f"({type(node).__name__}), it has no field {name!r}")
-    keys = [str(k) for k in node.keys()]
-    if name not in keys:
-      rest = [p.split("[")[0] for p in parts[i + 1:]]
-      full = ".".join(done + [name] + rest)
-      close = difflib.get_close_matches(name, keys, n=1)
-      if close:
-        return (f"unknown config key {full}; did you mean "
-                f"{'.'.join(done + close + rest)}?")
-      where = ".".join(done) or "the config"
-      return (f"unknown config key {full}; {where} has: "
-              f"{_one_line(', '.join(sorted(keys)), 300)}")
-    node = node[name]
-    done.append(name)
-    if "[" in part:
-      return None  # An index into a sequence: left to ml_collections.
-  return None
-
-
-def _config_path_from_argv(argv: Sequence[str]) -> str | None:
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def flag_error(argv: Sequence[str], error: BaseException) -> str:
-  """One line for an error raised while absl parses a `--config` flag file
-  and its overrides (ml_collections raises AttributeError / KeyError with a
-  multi-line message for an unknown key, flags.Error for a bad value)."""
-  config = None
-  path = _config_path_from_argv(argv)
-  if path:
-    try:  # The file alone, without the overrides, to walk them.
-      # pylint: disable=g-import-not-at-top
-      from absl import flags
-      from ml_collections import config_flags
-      # pylint: enable=g-import-not-at-top
-      fv = flags.FlagValues()
-      argv0 = ["train.py", f"--config={path}"]
-      config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv0)
-      fv(argv0)
-      config = fv.config
-    except Exception:  # pylint: disable=broad-except
-      config = None
-    if not isinstance(config, mlc.ConfigDict):
-      config = None
-  if config is not None:
-    for arg in argv:
-      m = _OVERRIDE.match(arg)
-      if m and (message := unknown_key(config, m.group(1))):
-        return message
-  text = str(error)
-  m = re.match(r"flag --config\.([^=\s]+)=(.*?): (.*)", text, re.S)
-  if m and config is not None:  # A value of the wrong type.
-    current = _get(config, m.group(1))
-    if current is not _MISSING:
-      return (f"--config.{m.group(1)}={m.group(2)}: {_one_line(m.group(3))}; "
-              f"the config's value is {current!r} ({type(current).__name__})")
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  if isinstance(error, OSError) and path and lines:  # The file did not load.
-    return f"cannot load --config={path}: {lines[-1]}"
-  return _one_line(text)

@@ -19,6 +19,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from segldm_jax.data.device import images_to_model_range, model_range_to_images
 from segldm_jax.diffusion import samplers
@@ -191,3 +192,23 @@ def generate_tiled(ldm: LatentDiffusion, params, first_stage_params,
   images = _tiled_sum(decode_tile, z, rows, cols, tile, ldm.downsample_factor,
                       3)
   return model_range_to_images(images)
+
+
+def sample_in_batches(run, ldm: LatentDiffusion, params, first_stage_params,
+                      labels: np.ndarray, num_samples: int, batch_size: int,
+                      key: jax.Array, desc: str = "sample") -> np.ndarray:
+  """`num_samples` images per label map -> uint8 (N, num_samples, H, W, 3).
+
+  `run` is `generate` or `generate_tiled` with its options bound. Each map
+  is repeated `num_samples` times and cut into batches in a fixed order,
+  batch b keyed by fold_in(key, b): the same key and batch size give the
+  same images.
+  """
+  rep = np.repeat(labels, num_samples, axis=0)
+  images = [np.asarray(run(ldm, params, first_stage_params,
+                           rep[start:start + batch_size],
+                           jax.random.fold_in(key, b)))
+            for b, start in enumerate(tqdm.trange(0, len(rep), batch_size,
+                                                  desc=desc))]
+  return np.concatenate(images).reshape(len(labels), num_samples,
+                                        *images[0].shape[1:])

@@ -31,6 +31,7 @@ from segldm_jax import layout
 from segldm_jax import errors
 from segldm_jax import checkpoints
 from segldm_jax import first_stage
+from segldm_jax import cli
 from segldm_jax import run_config
 from segldm_jax import ldm_training
 from segldm_jax.models import build
@@ -82,7 +83,7 @@ def _flag_error(*args: str) -> str:
     fv.config.get("seed")  # what train.py does: a file that did not load
   except (flags.Error, AttributeError, KeyError, OSError, TypeError,
           ValueError) as e:
-    message = run_config.flag_error(argv, e)
+    message = cli.flag_error(argv, e)
     assert "\n" not in message
     return message
   raise AssertionError(f"{args} parsed")
@@ -120,7 +121,7 @@ def test_config_file_errors_are_one_line(tmp_path):
   fv(argv)
   with pytest.raises(OSError) as e:
     fv.config.get("seed")
-  assert run_config.flag_error(argv, e.value) == (
+  assert cli.flag_error(argv, e.value) == (
       f"cannot load --config={tmp_path / 'nope.py'}: [Errno 2] No such file "
       f"or directory: '{tmp_path / 'nope.py'}'")
   argv = ["train.py", "--config=configs/seg_f4.py:bogus"]
@@ -128,7 +129,7 @@ def test_config_file_errors_are_one_line(tmp_path):
   config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
   with pytest.raises(flags.Error) as e:
     fv(argv)
-  assert run_config.flag_error(argv, e.value) == (
+  assert cli.flag_error(argv, e.value) == (
       "flag --config=configs/seg_f4.py:bogus: Error whilst parsing config "
       "file: ValueError: configs/seg_f4.py: unknown variant 'bogus'; choose "
       "one of reference, demo, tiny")
@@ -440,23 +441,29 @@ _FAILING_SAVE = textwrap.dedent("""
     import numpy as np
     import orbax.checkpoint as ocp
     from segldm_jax import checkpoints
+    from segldm_jax import cli
 
     def save(mgr, step, n):
       tree = {"w": np.random.default_rng(step).random(n, dtype=np.float32)}
       mgr.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(tree)))
 
-    mgr = checkpoints.train_checkpoint_manager(
-        pathlib.Path(sys.argv[1]),
-        mlc.ConfigDict({"keep_checkpoints": 2, "keep_period": 0}))
-    save(mgr, 1, 16)
-    mgr.wait_until_finished()
-    # Files may not grow past 1 MiB: the 4 MiB save fails in the background.
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
-    save(mgr, 2, 1 << 20)
-    print("save 2 returned", flush=True)
-    save(mgr, 3, 16)  # waits for save 2 first: its failure surfaces here
-    print("save 3 returned", flush=True)
+    @cli.main_exits
+    def main():
+      mgr = checkpoints.train_checkpoint_manager(
+          pathlib.Path(sys.argv[1]),
+          mlc.ConfigDict({"keep_checkpoints": 2, "keep_period": 0}))
+      save(mgr, 1, 16)
+      mgr.wait_until_finished()
+      # Files may not grow past 1 MiB: the 4 MiB save fails in the background.
+      resource.setrlimit(resource.RLIMIT_FSIZE,
+                         (1 << 20, resource.RLIM_INFINITY))
+      save(mgr, 2, 1 << 20)
+      print("save 2 returned", flush=True)
+      save(mgr, 3, 16)  # waits for save 2 first: its failure surfaces here
+      print("save 3 returned", flush=True)
+
+    main()
 """)
 
 
@@ -469,7 +476,7 @@ def test_failed_background_save_ends_the_run_in_one_line(tmp_path):
   assert r.stdout == "save 2 returned\n"  # async: the error comes later
   last = r.stderr.strip().splitlines()[-1]
   assert re.fullmatch(
-      rf"saving a checkpoint under {re.escape(str(tmp_path))}/checkpoints "
+      rf"error: saving a checkpoint under {re.escape(str(tmp_path))}/checkpoints "
       r"failed: File too large \([0-9.]+ [KMGT]?i?B free there\); the last "
       r"complete checkpoint \(step 1\) is intact: free space and re-run the "
       r"same command to resume", last), last

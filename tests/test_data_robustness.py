@@ -16,7 +16,7 @@ from PIL import Image, ImageFile
 
 from segldm_jax.data import (BadRecordLog, DataError, FolderSource,
                              check_data, check_source, make_dataset)
-from segldm_jax.data.check import SKIPPED
+from segldm_jax.data.base import SKIPPED
 from segldm_jax.data.folder import read_image
 from segldm_jax.data.pipeline import LoadOrSkip
 

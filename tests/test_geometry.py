@@ -1,5 +1,6 @@
 """Config geometry: sizes that must agree fail at start with the fix named."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,13 @@ def _config(variant=None, **data):
 ])
 def test_variants_are_consistent(variant, sizes):
   c = _config(variant)
-  assert run_config.validate(c) == sizes
+  g = run_config.validate(c)
+  assert dataclasses.asdict(g) == {**sizes, "mask_stages": 0, "unet_levels": 2}
+  assert g.step_px == sizes["factor"] * 4  # two UNet halvings, no mask ones
+  c.model.params.image_size = 0  # bookkeeping: resolve() writes it, not validate()
+  run_config.validate(c)
+  assert c.model.params.image_size == 0
+  run_config.resolve(c)
   assert c.model.params.image_size == sizes["latent"]  # derived
 
 
@@ -46,7 +53,7 @@ def test_mask_at_latent_size_with_two_stages_names_the_fix():
 def test_mask_at_latent_size_with_zero_stages_is_valid():
   c = _config(mask_size=64)
   c.model.params.cond_stage_config.params.n_stages = 0
-  assert run_config.validate(c)["mask"] == 64
+  assert run_config.validate(c).mask == 64
 
 
 @pytest.mark.parametrize("field,value,expect", [

@@ -18,6 +18,7 @@ from segldm_jax import editing
 from segldm_jax import evaluate
 from segldm_jax import sampling
 from segldm_jax.data.base import IGNORE_ID
+from segldm_jax.models import build
 
 STEPS = dict(sampler="ddim", steps=4)
 
@@ -26,7 +27,7 @@ STEPS = dict(sampler="ddim", steps=4)
 def _model():
   conv = convert.convert_checkpoint("tests/fixtures/ldm_tiny.ckpt",
                                     "tests/fixtures/ldm_tiny.yaml")
-  ldm = convert.build.build_model(conv.node)
+  ldm = build.build_model(conv.node)
   params = {k: conv.params[k] for k in ("unet", "cond_stage")}
   return ldm, params, conv.params["first_stage"]
 

@@ -112,7 +112,7 @@ def test_two_processes_match_one(runs):
 def test_restore_onto_one_process_with_four_fsdp_devices(runs):
   multi = runs / "multi"  # written by 2 processes x 4 devices, data parallel
   _launch(multi, 5, 1, 4, runs / "xla", "--config.mesh=(('data', 1), ('fsdp', 4))",
-          "--config.sharding_rules=(('.*', 'fsdp'),)")
+          "--config.sharding_strategy=(('.*', 'fsdp'),)")
   losses = _losses(multi)
   assert len(losses) == 5 and np.isfinite(losses).all()
   leaves, step = _params(multi)

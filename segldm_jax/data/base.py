@@ -9,13 +9,23 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from segldm_jax import errors
+
 # 255 cannot be a class id: uint8 labels hold ids 0..254 plus this marker.
 IGNORE_ID = 255
 MAX_CLASSES = 255
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """Bad input data; the message names the file (or record) and the value."""
+
+
+# What a bad record may raise: our own errors, and I/O (permissions, a file
+# deleted mid-run) that escaped them.
+RECORD_ERRORS = (DataError, OSError)
+# Skip mode's per-record batch field (int32): the source index of the bad
+# record this slot replaced, or -1. One epoch counts each bad record once.
+SKIPPED = "bad_record_index"
 
 
 class PairSource(Protocol):

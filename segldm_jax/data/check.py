@@ -24,16 +24,11 @@ import numpy as np
 from PIL import ImageFile
 import tqdm
 
-from segldm_jax.data.base import DataError, PairSource
+from segldm_jax.data import pipeline
+from segldm_jax.data.base import RECORD_ERRORS, SKIPPED, DataError, PairSource
 
 _log = logging.getLogger(__name__)
 
-# Skip mode's per-record batch field (int32): the source index of the bad
-# record this slot replaced, or -1. One epoch counts each bad record once.
-SKIPPED = "bad_record_index"
-# What a bad record may raise: our own errors, and I/O (permissions, a file
-# deleted mid-run) that escaped them.
-RECORD_ERRORS = (DataError, OSError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +159,6 @@ def check_data(data_config: Any, *, progress: bool = True,
   A source that cannot be built (missing or empty folder, unpaired files, a
   bad palette) gives a failed report carrying that one error.
   """
-  from segldm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
     source = pipeline.make_source(data_config)
   except (DataError, OSError, ValueError) as e:

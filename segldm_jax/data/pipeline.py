@@ -19,9 +19,10 @@ from absl import flags
 import grain
 import numpy as np
 
-from segldm_jax.data.base import DataError, PairSource, load_record
-from segldm_jax.data.check import RECORD_ERRORS, SKIPPED
+from segldm_jax.data.base import (RECORD_ERRORS, SKIPPED, DataError,
+                                  PairSource, load_record)
 from segldm_jax.data.folder import FolderSource
+from segldm_jax.data.labels import LabelSpec
 from segldm_jax.data.synthetic import SyntheticSource
 from segldm_jax.data.tfds_source import TfdsSource
 from segldm_jax.data.transforms import (CenterCrop, RandomCrop,
@@ -96,12 +97,12 @@ def make_dataset(source: PairSource, *, image_size: int, batch_size: int,
     bad_records: "error": a record that fails to decode raises its
       ``DataError`` (naming the file). "skip": it is replaced by the next
       good record (``LoadOrSkip``) and the batch gets an int32 (B,) field,
-      ``check.SKIPPED``, that ``check.BadRecordLog`` takes off and counts on
+      ``base.SKIPPED``, that ``check.BadRecordLog`` takes off and counts on
       the host. Same images and labels as "error" when no record is bad.
 
   Returns:
     A ``grain.IterDataset`` of ``{"image": uint8 (B, S, S, 3),
-    "labels": uint8 (B, S, S)}`` (plus ``check.SKIPPED`` in skip mode).
+    "labels": uint8 (B, S, S)}`` (plus ``base.SKIPPED`` in skip mode).
   """
   if shard_index is None or shard_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -173,6 +174,23 @@ def _field(config: Any, name: str, default: Any = None) -> Any:
   return None if isinstance(value, str) and not value else value
 
 
+def _label_fields(data_config: Any) -> dict[str, Any]:
+  return dict(ignore_label=_field(data_config, "ignore_label"),
+              palette=_field(data_config, "palette"),
+              remap=_field(data_config, "remap"))
+
+
+def label_spec(data_config: Any, *, ignore_default: int | None = None
+               ) -> LabelSpec:
+  """The `LabelSpec` the config's source decodes masks with, for label maps
+  from elsewhere (e.g. a user's masks); `ignore_default` stands in for an
+  unset `ignore_label`."""
+  fields = _label_fields(data_config)
+  if fields["ignore_label"] is None:
+    fields["ignore_label"] = ignore_default
+  return LabelSpec.create(_field(data_config, "num_classes"), **fields)
+
+
 def make_source(data_config: Any) -> PairSource:
   """Builds the source a data config describes.
 
@@ -197,9 +215,7 @@ def make_source(data_config: Any) -> PairSource:
   num_classes = _field(data_config, "num_classes")
   if num_classes is None:
     raise ValueError("data config needs num_classes")
-  labels = dict(ignore_label=_field(data_config, "ignore_label"),
-                palette=_field(data_config, "palette"),
-                remap=_field(data_config, "remap"))
+  labels = _label_fields(data_config)
   if kind == "folder":
     image_dir, mask_dir = (_field(data_config, "image_dir"),
                            _field(data_config, "mask_dir"))

@@ -1,0 +1,101 @@
+"""What train.py checks before it spends minutes on work, and how a run
+begins: a fresh train state or the workdir's newest checkpoint.
+
+Mistakes that later sections would trip over after minutes (the mesh, the
+first stage, a resumed workdir trained with other settings, an unwritable
+workdir or a full disk) fail here, in one line each (`errors.UserError`).
+Only metadata and shapes are read; no weight is loaded.
+"""
+
+import dataclasses
+import pathlib
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import ml_collections as mlc
+import optax
+import orbax.checkpoint as ocp
+
+from segldm_jax import checkpoints
+from segldm_jax import errors
+from segldm_jax import first_stage
+from segldm_jax import layout
+from segldm_jax import ldm_training
+from segldm_jax import run_config
+from segldm_jax import saved_shapes
+from segldm_jax.models import build
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """Where a run starts, as far as it can be known before any device work."""
+  geometry: run_config.Geometry
+  manager: ocp.CheckpointManager
+  step: int                 # 0 for a new run, else the checkpoint resumed
+  optimizer: optax.GradientTransformation
+  abstract_state: ldm_training.TrainState  # ShapeDtypeStructs, no weights
+  saved_config: str | None  # the workdir's config.json text when resuming
+
+
+def _resume_hint(error: errors.CheckpointMismatchError,
+                 workdir: pathlib.Path) -> errors.CheckpointMismatchError:
+  return errors.CheckpointMismatchError(
+      f"{error}; resume with the settings in {workdir / layout.CONFIG_FILE} "
+      "or use a new --workdir")
+
+
+def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
+  """Resolves `config`'s derived sizes and checks everything checkable now.
+
+  Raises:
+    errors.UserError: the first problem found, in one line.
+  """
+  geometry = run_config.resolve(config)
+  run_config.check_mesh(config, jax.process_count())
+  first_stage.check(config, workdir)
+  layout.ensure_writable(workdir)
+  manager = checkpoints.train_checkpoint_manager(workdir, config.train)
+  step = manager.latest_step() or 0
+  # Shapes only: what saved tensors and free space are checked against, and
+  # what train.py derives the state's shardings from.
+  optimizer = ldm_training.make_optimizer(config.train)
+  param_shapes = saved_shapes.ldm_param_shapes(build.build_model(config.model))
+  abstract_state = jax.eval_shape(
+      lambda p: ldm_training.init_state(p, optimizer), param_shapes)
+  saved_config = None
+  if step:
+    run_config.check_resume(config, workdir, step)
+    try:
+      saved_shapes.check_saved_params(workdir, step, param_shapes)
+    except errors.CheckpointMismatchError as e:
+      raise _resume_hint(e, workdir) from None
+    if (workdir / layout.CONFIG_FILE).is_file():
+      saved_config = (workdir / layout.CONFIG_FILE).read_text()
+  # Fails now, not at a save hours later; a save that fails anyway (a disk
+  # filled meanwhile) ends the run in one line too (see checkpoints).
+  layout.check_free_space(
+      workdir, layout.tree_nbytes(abstract_state),
+      keep=config.train.keep_checkpoints, existing=len(manager.all_steps()))
+  return Start(geometry=geometry, manager=manager, step=step,
+               optimizer=optimizer, abstract_state=abstract_state,
+               saved_config=saved_config)
+
+
+def initial_state(start: Start, workdir: pathlib.Path,
+                  init_fn: Callable[[jax.Array], Any], init_key: jax.Array,
+                  shardings: Any, is_main: bool):
+  """A new state, born sharded (`init_fn(init_key)` jitted with
+  `shardings`), or the checkpoint at `start.step` read into `shardings`."""
+  if start.step == 0:
+    return jax.jit(init_fn, out_shardings=shardings)(init_key)
+  logging.info("resuming from step %d", start.step)
+  try:
+    return checkpoints.restore_train_state(
+        start.manager, start.step, start.abstract_state, shardings,
+        jax.jit(start.optimizer.init, out_shardings=shardings.opt_state))
+  except errors.CheckpointMismatchError as e:  # e.g. the optimiser's layout
+    if is_main and start.saved_config is not None:
+      # config.json was rewritten with this run's config, which never trained.
+      (workdir / layout.CONFIG_FILE).write_text(start.saved_config)
+    raise _resume_hint(e, workdir) from None

@@ -1,0 +1,72 @@
+"""A trained or converted model loaded from its workdir, ready to sample.
+
+`sample.py`, the benchmarks and Python users start here: the saved config,
+the networks it builds, the newest weights (EMA UNet by default) and the
+frozen first stage, with the sizes that samples must respect.
+"""
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import ml_collections as mlc
+
+from segldm_jax import checkpoints
+from segldm_jax import errors
+from segldm_jax import first_stage
+from segldm_jax import run_config
+from segldm_jax.models import build
+from segldm_jax.models.ldm import LatentDiffusion
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  workdir: pathlib.Path
+  config: mlc.ConfigDict
+  ldm: LatentDiffusion
+  params: dict[str, Any]    # {"unet" (EMA when asked and saved), "cond_stage"}
+  first_stage_params: Any
+  step: int
+  geometry: run_config.Geometry
+  has_dataset: bool         # False for a converted checkpoint's workdir
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.ldm.cond_stage.in_channels)
+
+  def sample_options(self, *, sampler: str | None = None,
+                     steps: int | None = None, eta: float | None = None,
+                     guidance_scale: float | None = None) -> dict[str, Any]:
+    """Keyword arguments of `sampling.generate`: the given values, else the
+    run's `sample` config, else the reference's defaults (DDIM 50, eta 0)."""
+    cfg = self.config.get("sample", {})
+    pick = lambda given, key, default: (  # noqa: E731
+        given if given is not None else cfg.get(key, default))
+    return dict(sampler=pick(sampler, "sampler", "ddim"),
+                steps=int(steps or cfg.get("steps", 50)),
+                eta=float(pick(eta, "eta", 0.0)),
+                mask_stages=self.geometry.mask_stages,
+                guidance_scale=float(pick(guidance_scale, "guidance_scale",
+                                          1.0)))
+
+
+def load(workdir: str | pathlib.Path, use_ema: bool = True) -> TrainedModel:
+  """Raises errors.UserError (one line) for a workdir that is not one."""
+  workdir = pathlib.Path(workdir).absolute()
+  config = run_config.load(workdir)
+  ldm = build.build_model(config.model)
+  has_dataset = "data" in config
+  if not has_dataset:  # a converted checkpoint: the sizes its model implies
+    config.data = {"num_classes": int(ldm.cond_stage.in_channels),
+                   "image_size": (int(config.model.params.image_size)
+                                  * ldm.downsample_factor)}
+  geometry = run_config.geometry(config)
+  params, step = checkpoints.restore_params(workdir, ldm, use_ema=use_ema)
+  found = first_stage.load_existing(config, workdir)
+  if found is None:
+    raise errors.CheckpointNotFoundError(
+        f"{workdir} has no first stage (first_stage/ or "
+        "first_stage.checkpoint in config.json)")
+  return TrainedModel(workdir=workdir, config=config, ldm=ldm, params=params,
+                      first_stage_params=found[1], step=step,
+                      geometry=geometry, has_dataset=has_dataset)
