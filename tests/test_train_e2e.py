@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import event_files
 from segldm_jax import layout
 from segldm_jax import checkpoints
 from segldm_jax import metrics
@@ -82,8 +83,8 @@ def test_uninterrupted_run_leaves_everything(uninterrupted):
   losses = _losses(wd)
   assert sorted(losses) == list(range(1, 61))
   assert all(np.isfinite(v) and 0.05 < v < 2.0 for v in losses.values())
-  events = metrics.read_events(wd / "tensorboard")
-  assert [e["step"] for e in events if e["scalars"]] == list(range(1, 61))
+  events = event_files.read_events(wd / "tensorboard")
+  assert [e.step for e in events if e.summary.value] == list(range(1, 61))
   config = json.loads((wd / "config.json").read_text())
   assert config["train"]["steps"] == 60
   assert (wd / "first_stage" / "model.yaml").is_file()
@@ -114,6 +115,9 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(uninterrupted, tmp_path,
   assert sorted(got) == list(range(1, 61))  # no step logged twice
   np.testing.assert_allclose([got[s] for s in range(1, 61)],
                              [want[s] for s in range(1, 61)], rtol=1e-5)
+  # Nor in TensorBoard, which honours the resumed run's restart marker.
+  events = event_files.purged(event_files.read_events(wd / "tensorboard"))
+  assert [e.step for e in events if e.summary.value] == list(range(1, 61))
 
 
 def test_five_sigkills_at_random_moments_lose_nothing(uninterrupted, tmp_path,
@@ -156,6 +160,8 @@ def test_five_sigkills_at_random_moments_lose_nothing(uninterrupted, tmp_path,
   assert sorted(got) == list(range(1, 61))
   np.testing.assert_allclose([got[s] for s in range(1, 61)],
                              [want[s] for s in range(1, 61)], rtol=1e-5)
+  events = event_files.purged(event_files.read_events(wd / "tensorboard"))
+  assert [e.step for e in events if e.summary.value] == list(range(1, 61))
   ldm = build.build_model(run_config.load(wd).model)
   for ema in (False, True):
     (a, sa), (b, sb) = (checkpoints.restore_params(w, ldm, use_ema=ema)
