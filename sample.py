@@ -104,7 +104,8 @@ def _tag(opts: dict, size: int, train_size: int, large: str) -> str:
 def main(argv=None) -> int:
   args = parse_args(argv)
   xla_cpu.use_xnnpack_convolutions()  # before any device is touched
-  model = trained_model.load(args.workdir, use_ema=args.ema)
+  model = trained_model.load(args.workdir, use_ema=args.ema,
+                            conv=xla_cpu.preferred_conv())
   g = model.geometry
   size = args.size or g.image
   if size % g.step_px:

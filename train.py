@@ -131,7 +131,6 @@ def main(argv):
   start = startup.preflight(config, workdir)  # config, mesh, workdir, resume
   logging.info("workdir %s; %d process(es), %d device(s): %s", workdir,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
-
   # ===================================================================== #
   #                                  Mesh                                 #
   # ===================================================================== #
@@ -150,8 +149,9 @@ def main(argv):
   # ===================================================================== #
   # The first stage is frozen: loaded from a model directory, or (demo)
   # trained here first and kept in WORKDIR/first_stage for resumed runs.
+  conv = xla_cpu.preferred_conv()  # Winograd's 3x3 convolutions on CPU
   fs_module, fs_params, fs_node = first_stage_lib.prepare(
-      config, workdir, mesh, source)
+      config, workdir, mesh, source, conv=conv)
   fs_params = jax.device_put(fs_params, repl)
   with config.unlocked():
     config.model.params.first_stage_config = fs_node
@@ -159,7 +159,7 @@ def main(argv):
       config.model.params.scale_factor = first_stage_lib.std_scale_factor(
           fs_module, fs_params, first_batch["image"], workdir, start.step)
   geometry = run_config.geometry(config)
-  ldm = build.build_model(config.model)
+  ldm = build.build_model(config.model, conv=conv)
   if is_main:
     run_config.save(config, workdir)
 

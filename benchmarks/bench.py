@@ -98,14 +98,15 @@ def jax_workloads(size: str, batch: int, dtype: str, ddim_steps: int,
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from benchmarks import flops  # pylint: disable=g-import-not-at-top
-  from segldm_jax import ldm_training, sampling  # pylint: disable=g-import-not-at-top
+  from segldm_jax import ldm_training, sampling, xla_cpu  # pylint: disable=g-import-not-at-top
   from segldm_jax.models import build  # pylint: disable=g-import-not-at-top
 
   config = size_config(size)
   config.train.compute_dtype = dtype
   config.train.batch_size = batch
   arch = architecture(config)
-  ldm = build.build_model(config.model, dtype=jnp.float32)
+  ldm = build.build_model(config.model, dtype=jnp.float32,
+                          conv=xla_cpu.preferred_conv())
   rng = np.random.default_rng(0)
   hw = arch["image_size"]
   batch_np = {

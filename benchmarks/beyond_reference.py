@@ -73,9 +73,10 @@ def main(argv=None) -> int:
   xla_cpu.use_xnnpack_convolutions()
 
   config = run_config.load(args.workdir)
-  ldm = build.build_model(config.model)
+  ldm = build.build_model(config.model, conv=xla_cpu.preferred_conv())
   params, _ = checkpoints.restore_params(args.workdir, ldm)
-  fs = first_stage_lib.load_existing(config, args.workdir)[1]
+  fs = first_stage_lib.load_existing(config, args.workdir,
+                                     conv=xla_cpu.preferred_conv())[1]
   size = int(config.data.image_size)
   k = int(config.data.num_classes)
   colours = palette_lib.palette(k)

@@ -33,6 +33,7 @@ from PIL import Image  # noqa: E402
 
 from configs import seg_f4  # noqa: E402
 from segldm_jax import vq_training as vqt  # noqa: E402
+from segldm_jax import xla_cpu  # noqa: E402
 from segldm_jax.data.synthetic import SyntheticSource  # noqa: E402
 from segldm_jax.evaluate import mean_iou, segment_synthetic  # noqa: E402
 from segldm_jax.models.build import build_model  # noqa: E402
@@ -110,7 +111,7 @@ def main() -> None:
   dd = node["params"]["ddconfig"]
   dd.update(ch=args.ch, ch_mult=[int(c) for c in args.ch_mult.split(",")],
             num_res_blocks=args.num_res_blocks)
-  model = build_model(node)
+  model = build_model(node, conv=xla_cpu.preferred_conv())
   size = dd["resolution"]
 
   optimizer = vqt.vq_optimizer(

@@ -86,7 +86,8 @@ def unet_forward(batch=8, repeats=15):
   """The demo UNet forward, Winograd as taken vs off, alternating."""
   from benchmarks import bench  # pylint: disable=g-import-not-at-top
   config = bench.size_config("demo")
-  ldm = build.build_model(config.model, dtype=jnp.float32)
+  ldm = build.build_model(config.model, dtype=jnp.float32,
+                          conv=xla_cpu.preferred_conv())
   key = jax.random.key(0)
   params = build.init_params(ldm.unet, key)
   params = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(key, a.shape),

@@ -29,17 +29,19 @@ def _resolve(path: str, workdir: pathlib.Path) -> pathlib.Path:
   return p
 
 
-def load_existing(config, workdir: pathlib.Path):
-  """The configured or previously trained first stage, or None."""
+def load_existing(config, workdir: pathlib.Path, **build_kw):
+  """The configured or previously trained first stage, or None.
+
+  `build_kw` (e.g. conv) goes to the model builder."""
   own = workdir / layout.FIRST_STAGE_DIR
   checkpoint = config.get("first_stage", {}).get("checkpoint")
   if checkpoint:
     path = _resolve(checkpoint, workdir)
     logging.info("first stage: %s", path)
-    return checkpoints.load_model_dir(path)
+    return checkpoints.load_model_dir(path, **build_kw)
   if (own / layout.MODEL_FILE).is_file():
     logging.info("first stage: trained earlier in this workdir (%s)", own)
-    return checkpoints.load_model_dir(own)
+    return checkpoints.load_model_dir(own, **build_kw)
   return None
 
 
@@ -77,21 +79,22 @@ def check(config, workdir: pathlib.Path) -> None:
     raise errors.ConfigError(f"with {what}: {e}") from None
 
 
-def prepare(config, workdir: pathlib.Path, mesh, source):
-  """-> (VQModel, params, LDM-style node of the first stage)."""
+def prepare(config, workdir: pathlib.Path, mesh, source, **build_kw):
+  """-> (VQModel, params, LDM-style node of the first stage); `build_kw`
+  (e.g. conv) goes to the model builder."""
   own = workdir / layout.FIRST_STAGE_DIR
   fs = config.first_stage
-  found = load_existing(config, workdir)
+  found = load_existing(config, workdir, **build_kw)
   if found is not None:
     module, params, node = found
   elif fs.train_steps > 0:
     node = config.model.params.first_stage_config.to_dict()
-    module = build.build_model(node)
+    module = build.build_model(node, **build_kw)
     params = vq_training.train_first_stage(
         module, config, mesh, source, own, node)
   elif fs.allow_random_init:
     node = config.model.params.first_stage_config.to_dict()
-    module = build.build_model(node)
+    module = build.build_model(node, **build_kw)
     params = build.init_params(module, jax.random.key(config.seed + 1))
     logging.warning("first stage: RANDOM weights (first_stage.allow_random_init)")
     # Saved, so sample.py and resumed runs see the same weights.

@@ -50,11 +50,14 @@ class TrainedModel:
                                           1.0)))
 
 
-def load(workdir: str | pathlib.Path, use_ema: bool = True) -> TrainedModel:
-  """Raises errors.UserError (one line) for a workdir that is not one."""
+def load(workdir: str | pathlib.Path, use_ema: bool = True,
+         conv: str = "xla") -> TrainedModel:
+  """`conv`: how 3x3 convolutions run (layers.CONV_IMPLS; the scripts pass
+  xla_cpu.preferred_conv()). Raises errors.UserError (one line) for a
+  workdir that is not one."""
   workdir = pathlib.Path(workdir).absolute()
   config = run_config.load(workdir)
-  ldm = build.build_model(config.model)
+  ldm = build.build_model(config.model, conv=conv)
   has_dataset = "data" in config
   if not has_dataset:  # a converted checkpoint: the sizes its model implies
     config.data = {"num_classes": int(ldm.cond_stage.in_channels),
@@ -62,7 +65,7 @@ def load(workdir: str | pathlib.Path, use_ema: bool = True) -> TrainedModel:
                                   * ldm.downsample_factor)}
   geometry = run_config.geometry(config)
   params, step = checkpoints.restore_params(workdir, ldm, use_ema=use_ema)
-  found = first_stage.load_existing(config, workdir)
+  found = first_stage.load_existing(config, workdir, conv=conv)
   if found is None:
     raise errors.CheckpointNotFoundError(
         f"{workdir} has no first stage (first_stage/ or "

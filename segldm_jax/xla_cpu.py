@@ -1,4 +1,4 @@
-"""XLA CPU flags: convolutions through XNNPACK.
+"""XLA CPU settings: convolutions through XNNPACK, and Winograd's where faster.
 
 jaxlib 0.10's CPU backend hands convolutions to YNNPACK fusions by default.
 On this project's shapes (3x3 convolutions, 32-256 channels, 4x4 to 256x256)
@@ -14,6 +14,7 @@ and a user's own XLA_FLAGS for the same options win.
 
 import os
 
+import jax
 import jaxlib
 
 FLAGS = ("--xla_cpu_experimental_xnn_fusion_type="
@@ -31,3 +32,9 @@ def use_xnnpack_convolutions() -> bool:
     return all(f in current for f in FLAGS)
   os.environ["XLA_FLAGS"] = " ".join([current, *FLAGS]).strip()
   return True
+
+
+def preferred_conv() -> str:
+  """The 3x3 convolution for this backend (`build_model(..., conv=)`):
+  Winograd's where it measured faster on CPU, cuDNN's / XLA's elsewhere."""
+  return "winograd" if jax.default_backend() == "cpu" else "xla"

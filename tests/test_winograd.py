@@ -70,8 +70,13 @@ def test_worthwhile_where_measured_faster(shape, expected):
 
 def test_conv3x3_layer_takes_the_path_and_keeps_its_parameters():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 64))
-  conv = layers.conv3x3(32, jnp.float32, "c")
+  conv = layers.conv3x3(32, jnp.float32, "c", conv="winograd")
   params = conv.init(jax.random.key(1), x)
+  # The default is XLA's convolution, with the very same parameters.
+  direct = layers.conv3x3(32, jnp.float32, "c")
+  assert "winograd" not in str(jax.make_jaxpr(direct.apply)(params, x).jaxpr)
+  with pytest.raises(ValueError, match="conv='fft'; use one of"):
+    layers.conv3x3(32, jnp.float32, "c", conv="fft")
   assert jax.tree.map(jnp.shape, params) == {
       "params": {"kernel": (3, 3, 64, 32), "bias": (32,)}}
   jaxpr = jax.make_jaxpr(conv.apply)(params, x).jaxpr

@@ -23,14 +23,15 @@ class ResnetBlock(nn.Module):
   out_channels: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     h = nn.silu(layers.group_norm(x, _EPS, "norm1"))
-    h = layers.conv3x3(self.out_channels, self.dtype, "conv1")(h)
+    h = layers.conv3x3(self.out_channels, self.dtype, "conv1", conv=self.conv)(h)
     h = nn.silu(layers.group_norm(h, _EPS, "norm2"))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = layers.conv3x3(self.out_channels, self.dtype, "conv2")(h)
+    h = layers.conv3x3(self.out_channels, self.dtype, "conv2", conv=self.conv)(h)
     if x.shape[-1] != self.out_channels:
       x = nn.Dense(self.out_channels, dtype=self.dtype, name="nin_shortcut")(x)
     return x + h
@@ -55,33 +56,36 @@ class Downsample(nn.Module):
   Not flax "SAME": for odd sizes SAME pads both sides; taming pads (0, 1).
   """
   dtype: Dtype = jnp.float32
+  conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     return layers.conv3x3(x.shape[-1], self.dtype, "conv", stride=2,
-                          padding=((0, 1), (0, 1)))(x)
+                          padding=((0, 1), (0, 1)), conv=self.conv)(x)
 
 
 class Upsample(nn.Module):
   dtype: Dtype = jnp.float32
+  conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = layers.upsample_nearest(x)
-    return layers.conv3x3(x.shape[-1], self.dtype, "conv")(x)
+    return layers.conv3x3(x.shape[-1], self.dtype, "conv", conv=self.conv)(x)
 
 
 class MidBlock(nn.Module):
   """block_1 -> attn_1 -> block_2; present at every resolution config."""
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c = x.shape[-1]
-    x = ResnetBlock(c, self.dropout, self.dtype, name="block_1")(x, train)
+    x = ResnetBlock(c, self.dropout, self.dtype, name="block_1", conv=self.conv)(x, train)
     x = AttnBlock(self.dtype, name="attn_1")(x)
-    return ResnetBlock(c, self.dropout, self.dtype, name="block_2")(x, train)
+    return ResnetBlock(c, self.dropout, self.dtype, name="block_2", conv=self.conv)(x, train)
 
 
 class Level(nn.Module):
@@ -93,18 +97,19 @@ class Level(nn.Module):
   resample: str | None  # "downsample", "upsample" or None
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for i in range(self.num_blocks):
       x = ResnetBlock(self.out_channels, self.dropout, self.dtype,
-                      name=f"block_{i}")(x, train)
+                      name=f"block_{i}", conv=self.conv)(x, train)
       if self.use_attn:
         x = AttnBlock(self.dtype, name=f"attn_{i}")(x)
     if self.resample == "downsample":
-      x = Downsample(self.dtype, name="downsample")(x)
+      x = Downsample(self.dtype, name="downsample", conv=self.conv)(x)
     elif self.resample == "upsample":
-      x = Upsample(self.dtype, name="upsample")(x)
+      x = Upsample(self.dtype, name="upsample", conv=self.conv)(x)
     return x
 
 
@@ -117,21 +122,22 @@ class Encoder(nn.Module):
   z_channels: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    h = layers.conv3x3(self.ch, self.dtype, "conv_in")(x)
+    h = layers.conv3x3(self.ch, self.dtype, "conv_in", conv=self.conv)(x)
     # Attention placement follows the configured resolution, not the input's.
     res = self.resolution
     last = len(self.ch_mult) - 1
     for i, mult in enumerate(self.ch_mult):
       h = Level(self.ch * mult, self.num_res_blocks, res in self.attn_resolutions,
                 "downsample" if i != last else None, self.dropout, self.dtype,
-                name=f"down_{i}")(h, train)
+                name=f"down_{i}", conv=self.conv)(h, train)
       res = res // 2 if i != last else res
-    h = MidBlock(self.dropout, self.dtype, name="mid")(h, train)
+    h = MidBlock(self.dropout, self.dtype, name="mid", conv=self.conv)(h, train)
     h = nn.silu(layers.group_norm(h, _EPS, "norm_out"))
-    return layers.conv3x3(self.z_channels, self.dtype, "conv_out")(h)
+    return layers.conv3x3(self.z_channels, self.dtype, "conv_out", conv=self.conv)(h)
 
 
 class Decoder(nn.Module):
@@ -143,22 +149,23 @@ class Decoder(nn.Module):
   out_ch: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
     levels = len(self.ch_mult)
-    h = layers.conv3x3(self.ch * self.ch_mult[-1], self.dtype, "conv_in")(z)
-    h = MidBlock(self.dropout, self.dtype, name="mid")(h, train)
+    h = layers.conv3x3(self.ch * self.ch_mult[-1], self.dtype, "conv_in", conv=self.conv)(z)
+    h = MidBlock(self.dropout, self.dtype, name="mid", conv=self.conv)(h, train)
     res = self.resolution // 2 ** (levels - 1)
     # Runs from the lowest resolution up, but `up_i` is indexed by level
     # (0 = full resolution), as taming builds its list by prepending.
     for i in reversed(range(levels)):
       h = Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1,
                 res in self.attn_resolutions, "upsample" if i != 0 else None,
-                self.dropout, self.dtype, name=f"up_{i}")(h, train)
+                self.dropout, self.dtype, name=f"up_{i}", conv=self.conv)(h, train)
       res = res * 2 if i != 0 else res
     h = nn.silu(layers.group_norm(h, _EPS, "norm_out"))
-    return layers.conv3x3(self.out_ch, self.dtype, "conv_out")(h)
+    return layers.conv3x3(self.out_ch, self.dtype, "conv_out", conv=self.conv)(h)
 
 
 class VectorQuantizer(nn.Module):
@@ -210,13 +217,14 @@ class VQModel(nn.Module):
   out_ch: int = 3
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
 
   def setup(self):
     common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult),
                   num_res_blocks=self.num_res_blocks,
                   attn_resolutions=tuple(self.attn_resolutions),
                   resolution=self.resolution, dropout=self.dropout,
-                  dtype=self.dtype)
+                  dtype=self.dtype, conv=self.conv)
     self.encoder = Encoder(z_channels=self.z_channels, **common)
     self.decoder = Decoder(out_ch=self.out_ch, **common)
     self.quant_conv = nn.Dense(self.embed_dim, dtype=self.dtype)

@@ -80,7 +80,9 @@ def _check_keys(where: str, params: Mapping[str, Any], known: set[str],
 
 
 def _fields(cls) -> set[str]:
-  return {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
+  # dtype and conv say how to compute, not what: set by code, not configs.
+  return {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype",
+                                                      "conv"}
 
 
 def build_vq(params: Mapping[str, Any], **kw) -> VQModel:
@@ -99,6 +101,7 @@ def build_vq(params: Mapping[str, Any], **kw) -> VQModel:
 
 def build_rescaler(params: Mapping[str, Any], **kw) -> SpatialRescaler:
   _check_keys("SpatialRescaler", params, _fields(SpatialRescaler), {})
+  kw.pop("conv", None)  # no 3x3 convolutions
   return SpatialRescaler(**params, **kw)
 
 

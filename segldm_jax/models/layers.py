@@ -11,6 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from segldm_jax.models import winograd
 
@@ -55,14 +56,26 @@ def group_norm(x: jax.Array, epsilon: float, name: str) -> jax.Array:
   return y.astype(x.dtype)
 
 
+# How a 3x3 convolution is computed; the parameters are the same either way.
+# "winograd" takes F(2x2, 3x3) where it measured faster on CPU and XLA's
+# convolution elsewhere (see winograd.py); the entry points choose it for the
+# CPU backend (xla_cpu.preferred_conv).
+CONV_IMPLS = {"xla": lax.conv_general_dilated,
+              "winograd": winograd.conv_general_dilated}
+
+
 def conv3x3(features: int, dtype: Dtype, name: str, stride: int = 1,
-            padding=((1, 1), (1, 1)), zero_init: bool = False) -> nn.Conv:
+            padding=((1, 1), (1, 1)), zero_init: bool = False,
+            conv: str = "xla") -> nn.Conv:
   """3x3 convolution with explicit padding (never "SAME": the two Downsample
-  flavours pad differently). `zero_init` mirrors openaimodel's zero_module."""
+  flavours pad differently). `zero_init` mirrors openaimodel's zero_module;
+  `conv` names one of CONV_IMPLS."""
+  if conv not in CONV_IMPLS:
+    raise ValueError(f"conv={conv!r}; use one of {sorted(CONV_IMPLS)}")
   kw = {"kernel_init": nn.initializers.zeros} if zero_init else {}
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding,
                  dtype=dtype, name=name,
-                 conv_general_dilated=winograd.conv_general_dilated, **kw)
+                 conv_general_dilated=CONV_IMPLS[conv], **kw)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:

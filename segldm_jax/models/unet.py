@@ -43,6 +43,7 @@ class ResBlock(nn.Module):
   resample: str | None = None
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
@@ -51,7 +52,7 @@ class ResBlock(nn.Module):
       h, x = layers.avg_pool2(h), layers.avg_pool2(x)
     elif self.resample == "up":
       h, x = layers.upsample_nearest(h), layers.upsample_nearest(x)
-    h = layers.conv3x3(self.out_channels, self.dtype, "in_layers_2")(h)
+    h = layers.conv3x3(self.out_channels, self.dtype, "in_layers_2", conv=self.conv)(h)
 
     width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
     e = nn.Dense(width, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))
@@ -63,7 +64,7 @@ class ResBlock(nn.Module):
       h = layers.group_norm(h + e, _EPS, "out_layers_0")
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
     h = layers.conv3x3(self.out_channels, self.dtype, "out_layers_3",
-                      zero_init=True)(h)
+                      zero_init=True, conv=self.conv)(h)
 
     if x.shape[-1] != self.out_channels:
       x = nn.Dense(self.out_channels, dtype=self.dtype, name="skip_connection")(x)
@@ -103,23 +104,25 @@ class Downsample(nn.Module):
   grid on even sizes), or a 2x2 average pool without `conv_resample`."""
   use_conv: bool
   dtype: Dtype = jnp.float32
+  conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if not self.use_conv:
       return layers.avg_pool2(x)
-    return layers.conv3x3(x.shape[-1], self.dtype, "op", stride=2)(x)
+    return layers.conv3x3(x.shape[-1], self.dtype, "op", stride=2, conv=self.conv)(x)
 
 
 class Upsample(nn.Module):
   use_conv: bool
   dtype: Dtype = jnp.float32
+  conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = layers.upsample_nearest(x)
     if self.use_conv:
-      x = layers.conv3x3(x.shape[-1], self.dtype, "conv")(x)
+      x = layers.conv3x3(x.shape[-1], self.dtype, "conv", conv=self.conv)(x)
     return x
 
 
@@ -144,6 +147,7 @@ class UNetModel(nn.Module):
   dropout: float = 0.0
   use_new_attention_order: bool = False
   dtype: Dtype = jnp.float32
+  conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
 
   def _heads(self, ch: int, upsample: bool = False) -> int:
     if self.num_head_channels != -1:
@@ -167,13 +171,13 @@ class UNetModel(nn.Module):
 
     def res(ch, name, resample=None):
       return ResBlock(ch, self.use_scale_shift_norm, resample, self.dropout, dt,
-                      name=name)
+                      name=name, conv=self.conv)
 
     def attn(ch, name, upsample=False):
       return AttentionBlock(self._heads(ch, upsample),
                             self.use_new_attention_order, dt, name=name)
 
-    h = layers.conv3x3(self.model_channels, dt, "input_blocks_0_0")(x.astype(dt))
+    h = layers.conv3x3(self.model_channels, dt, "input_blocks_0_0", conv=self.conv)(x.astype(dt))
     skips = [h]
     k, ds, last = 1, 1, len(self.channel_mult) - 1
     for level, mult in enumerate(self.channel_mult):
@@ -188,7 +192,7 @@ class UNetModel(nn.Module):
         if self.resblock_updown:
           h = res(ch, f"input_blocks_{k}_0", "down")(h, emb, train)
         else:
-          h = Downsample(self.conv_resample, dt, name=f"input_blocks_{k}_0")(h)
+          h = Downsample(self.conv_resample, dt, name=f"input_blocks_{k}_0", conv=self.conv)(h)
         skips.append(h)
         k, ds = k + 1, ds * 2
 
@@ -213,9 +217,9 @@ class UNetModel(nn.Module):
           if self.resblock_updown:
             h = res(ch, name, "up")(h, emb, train)
           else:
-            h = Upsample(self.conv_resample, dt, name=name)(h)
+            h = Upsample(self.conv_resample, dt, name=name, conv=self.conv)(h)
           ds //= 2
         k += 1
 
     h = nn.silu(layers.group_norm(h, _EPS, "out_0"))
-    return layers.conv3x3(self.out_channels, dt, "out_2", zero_init=True)(h)
+    return layers.conv3x3(self.out_channels, dt, "out_2", zero_init=True, conv=self.conv)(h)
