@@ -17,16 +17,10 @@ import time
 import traceback
 
 from segldm_jax import layout
+from segldm_jax.formatting import printable
 from segldm_jax import checkpoints
 from segldm_jax import convert
 from segldm_jax.convert import infer_config
-
-
-def _one_line(text: str, limit: int = 1000) -> str:
-  """Control characters escaped (a tensor name or path may hold a newline or
-  a terminal escape), so an error is one line whatever the file says."""
-  text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def main(argv=None) -> int:
@@ -55,7 +49,7 @@ def main(argv=None) -> int:
         resolution=args.resolution, num_heads=args.num_heads,
         num_head_channels=args.num_head_channels)
   except (ValueError, OSError) as e:  # CheckpointError, ConversionError, ...
-    message, name = _one_line(e), _one_line(args.checkpoint)
+    message, name = printable(e), printable(args.checkpoint)
     where = "" if name in message else f"{name}: "  # reader errors name it
     print(f"error: {where}{message}", file=sys.stderr)
     return 1
@@ -63,8 +57,8 @@ def main(argv=None) -> int:
     # A file this odd can still trip the model builder (e.g. an inferred
     # architecture from inconsistent shapes): one line, not a traceback.
     frame = traceback.extract_tb(e.__traceback__)[-1]
-    print(f"error: {_one_line(args.checkpoint)}: cannot convert "
-          f"({type(e).__name__}: {_one_line(e, 300)}, at "
+    print(f"error: {printable(args.checkpoint)}: cannot convert "
+          f"({type(e).__name__}: {printable(e, 300)}, at "
           f"{pathlib.Path(frame.filename).name}:{frame.lineno})",
           file=sys.stderr)
     return 1
@@ -99,7 +93,7 @@ def main(argv=None) -> int:
         print(f"use it as the first stage: python train.py --config "
               f"configs/seg_f4.py --config.first_stage.checkpoint={out}")
   except (OSError, ValueError) as e:  # unwritable --out, full disk
-    print(f"error: cannot write {_one_line(out)}: {_one_line(e, 300)}",
+    print(f"error: cannot write {printable(out)}: {printable(e, 300)}",
           file=sys.stderr)
     return 1
   print(f"done in {time.perf_counter() - start:.1f} s")

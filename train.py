@@ -14,6 +14,7 @@ import json
 import logging as pylogging
 import pathlib
 import signal
+import sys
 import time
 
 from absl import app
@@ -101,6 +102,17 @@ class _StopSignal:
   def _handle(self, signum, frame):
     del frame
     self.signum = signum
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a `--config` mistake reported in one line."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.get("seed")  # a config file that did not load raises here
+    return rest
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError,
+          ValueError) as e:
+    sys.exit(f"config error: {cli.flag_error(argv, e)}")
 
 
 class _OnlyOurInfo(pylogging.Filter):
@@ -262,4 +274,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=lambda argv: cli.parse_config_flags(FLAGS, argv))
+  app.run(main, flags_parser=_parse_flags)

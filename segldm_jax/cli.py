@@ -1,10 +1,9 @@
 """What the three scripts share at their border with the user.
 
-* `parse_config_flags`: absl's flag parsing of `--config` and its overrides,
-  with a mistake reported in one line (ml_collections raises a multi-line
-  AttributeError / KeyError for an unknown override such as
-  `--config.train.batchsize=8`, and defers a config file that failed to load
-  until first use).
+* `flag_error`: a mistake in `--config` or its overrides in one line
+  (ml_collections raises a multi-line AttributeError / KeyError for an
+  unknown override such as `--config.train.batchsize=8`, and defers a config
+  file that failed to load until first use).
 * `main_exits`: runs a script's main and turns the library's typed errors
   into one line on stderr and exit status 1.
 """
@@ -108,20 +107,6 @@ def flag_error(argv: Sequence[str], error: BaseException) -> str:
   return formatting.one_line(text)
 
 
-def parse_config_flags(flag_values, argv: list[str]) -> list[str]:
-  """`flag_values(argv)`, with a bad `--config` flag as SystemExit(one line).
-
-  Used as absl's `flags_parser`, where exiting is the only way out.
-  """
-  try:
-    rest = flag_values(argv)
-    flag_values.config.get("seed")  # a config file that did not load raises here
-    return rest
-  except (flags.Error, AttributeError, KeyError, OSError, TypeError,
-          ValueError) as e:
-    sys.exit(f"config error: {flag_error(argv, e)}")
-
-
 def error_line(error: errors.UserError) -> str:
   """The one line a script prints for a typed error."""
   if isinstance(error, (errors.ConfigError, errors.CheckpointMismatchError)):
@@ -129,14 +114,16 @@ def error_line(error: errors.UserError) -> str:
   return f"error: {error}"
 
 
-def main_exits(main: Callable[..., Any]) -> Callable[..., Any]:
-  """Decorates a script's main: a UserError becomes one line and exit 1."""
+def main_exits(main: Callable[..., int]) -> Callable[..., int]:
+  """Decorates a script's main: a UserError becomes one line on stderr and
+  the exit status 1 (the script passes main's result to sys.exit)."""
 
   @functools.wraps(main)
-  def wrapped(*args, **kwargs):
+  def wrapped(*args, **kwargs) -> int:
     try:
       return main(*args, **kwargs)
     except errors.UserError as e:
-      sys.exit(error_line(e))
+      print(error_line(e), file=sys.stderr)
+      return 1
 
   return wrapped

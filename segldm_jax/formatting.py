@@ -52,18 +52,23 @@ def plain(tree: Any) -> Any:
   return json.loads(json.dumps(tree, default=str))
 
 
+def printable(text: Any, limit: int = 1000) -> str:
+  """`text` with control characters escaped (a file may name a tensor with a
+  newline or a terminal escape), truncated to `limit` characters: what a
+  file says stays on one line of ours."""
+  text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def one_line(text: Any, limit: int = 400) -> str:
-  """A message as one line: control characters escaped (a file may name a
-  tensor with a newline or a terminal escape), a multi-line text reduced to
-  its first and last lines (e.g. 'Error in config file: ValueError: ...'),
-  and truncated to `limit` characters."""
+  """A multi-line message (a traceback's tail, 'Error in config file:' then
+  the cause) as its first and last lines, then `printable`."""
   lines = [line.strip() for line in str(text).splitlines() if line.strip()]
   if len(lines) > 1:
     text = f"{lines[0].rstrip(':')}: {lines[-1]}"
   else:
     text = lines[0] if lines else ""
-  text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  return printable(text, limit)
 
 
 def describe_error(error: BaseException, limit: int = 400) -> str:

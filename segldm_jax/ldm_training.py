@@ -25,7 +25,8 @@ Params = Any
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a resumed run needs besides the data iterator and the seed.
+  """Everything a resumed run needs besides the config (the data stream
+  follows from the seed and `step`).
 
   params: {"unet", "cond_stage"} (trained); ema: {"unet"} (the rescaler has no
   EMA, as in the reference); ema_updates: LitEma's num_updates (warm-up);

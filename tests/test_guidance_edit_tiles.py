@@ -7,6 +7,7 @@ program is built once and shared.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -212,12 +213,22 @@ def _peak_bytes(compiled) -> int:
           m.output_size_in_bytes - m.alias_size_in_bytes)
 
 
+def assert_same_image(a, b, max_share: float = 1e-3) -> None:
+  """uint8 images from two differently compiled programs: the same maths in
+  another order rounds differently in the last float bit, which moves a
+  pixel that sits at a rounding boundary by one level. So: at most one level
+  apart, and on at most `max_share` of the values (measured: 2 of 6,144 on
+  an AVX2 CPU, 0 on AVX-512)."""
+  diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+  assert diff.max() <= 1, diff.max()
+  assert (diff > 0).mean() <= max_share, (diff > 0).mean()
+
+
 def test_one_tile_is_the_direct_sample():
   ldm, params, fs = _model()
   labels, key = _blocks(2, 32, 4), jax.random.key(1)
-  np.testing.assert_array_equal(
-      _compiled("tiles", 2, 32)(params, fs, labels, key),
-      _compiled("direct", 2, 32)(params, fs, labels, key))
+  assert_same_image(_compiled("tiles", 2, 32)(params, fs, labels, key),
+                    _compiled("direct", 2, 32)(params, fs, labels, key))
 
 
 def test_4x_area_with_tiles_needs_at_most_1_5x_the_memory():
@@ -321,12 +332,14 @@ def test_sample_cli_region_edit(converted, tmp_path, capsys):
   assert strip.shape == (36, 5 * 34 + 2, 3)  # photo, 2 masks, 2 results
 
 
-def test_sample_cli_errors(converted, tmp_path):
+def test_sample_cli_errors(converted, tmp_path, capsys):
   import sample  # pylint: disable=g-import-not-at-top
   mask = _png(tmp_path / "m.png", _blocks(1, 32, 1)[0])
-  with pytest.raises(SystemExit,
-                     match="--size 60 is not a multiple of 8 .* use 56"):
-    sample.main(["--workdir", str(converted), "--masks", mask, "--size", "60"])
-  with pytest.raises(SystemExit, match="same labels as .*nothing to edit"):
-    sample.main(["--workdir", str(converted), "--edit_image", mask,
-                 "--masks", mask, "--edit_labels", mask])
+  assert sample.main(["--workdir", str(converted), "--masks", mask,
+                      "--size", "60"]) == 1
+  assert re.fullmatch(r"error: --size 60 is not a multiple of 8 .* use 56\n",
+                      capsys.readouterr().err)
+  assert sample.main(["--workdir", str(converted), "--edit_image", mask,
+                      "--masks", mask, "--edit_labels", mask]) == 1
+  assert re.fullmatch(r"error: .*m.png has the same labels as .*m.png: "
+                      r"nothing to edit\n", capsys.readouterr().err)

@@ -103,10 +103,13 @@ def test_two_processes_match_one(runs):
   assert sm == ss == 3
   for a, b in zip(pm, ps):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
-  # Process 0 alone writes pictures; they are the single run's.
+  # Process 0 alone writes pictures; they are the single run's, up to the
+  # last-bit rounding of two differently partitioned programs (one level on
+  # a pixel at a rounding boundary).
   pic = "samples/step_0000003.png"
-  np.testing.assert_array_equal(np.asarray(Image.open(multi / pic)),
-                                np.asarray(Image.open(single / pic)))
+  diff = np.abs(np.asarray(Image.open(multi / pic), np.int16)
+                - np.asarray(Image.open(single / pic), np.int16))
+  assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, diff.max()
 
 
 def test_restore_onto_one_process_with_four_fsdp_devices(runs):

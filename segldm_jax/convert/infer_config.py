@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import yaml
 
+from segldm_jax import formatting
 from segldm_jax.diffusion import schedule as schedule_lib
 from segldm_jax.models import build
 
@@ -558,15 +559,5 @@ def format_config(node: Mapping[str, Any], notes: Sequence[str] = ()) -> str:
   `notes`, if given, become comment lines at the top.
   """
   head = "".join(f"# {n}\n" for n in notes)
-  return head + yaml.safe_dump({"model": _plain(node)}, sort_keys=False)
+  return head + yaml.safe_dump({"model": formatting.plain(node)}, sort_keys=False)
 
-
-def _plain(x: Any) -> Any:
-  """Python scalars, lists and dicts only, so safe_dump accepts the node."""
-  if isinstance(x, Mapping):
-    return {str(k): _plain(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_plain(v) for v in x]
-  if isinstance(x, np.generic):
-    return x.item()
-  return x

@@ -93,7 +93,8 @@ def _files(raw: Any) -> tuple[str, ...]:
   return ()
 
 
-def _one_line(error: BaseException) -> str:
+def _reason(error: BaseException) -> str:
+  """Why a record is bad, in one line: our message as is, others typed."""
   text = " ".join(str(error).split()) or "(no message)"
   return text if isinstance(error, DataError) else (
       f"{type(error).__name__}: {text}")
@@ -116,7 +117,7 @@ def check_record(source: PairSource, index: int) -> Problem | None:
                       f"differ in size")
   except Exception as e:  # pylint: disable=broad-except
     # A scan reports everything; skip mode only tolerates RECORD_ERRORS.
-    return Problem(index, tuple(os.fspath(f) for f in files), _one_line(e))
+    return Problem(index, tuple(os.fspath(f) for f in files), _reason(e))
   return None
 
 
@@ -165,7 +166,7 @@ def check_data(data_config: Any, *, progress: bool = True,
     get = (data_config.get if hasattr(data_config, "get")
            else lambda k: getattr(data_config, k, None))
     where = get("image_dir") or get("tfds_name") or get("source")
-    return CheckReport(source=str(where), error=_one_line(e))
+    return CheckReport(source=str(where), error=_reason(e))
   return check_source(source, progress=progress, num_threads=num_threads)
 
 

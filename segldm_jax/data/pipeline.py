@@ -86,8 +86,8 @@ def make_dataset(source: PairSource, *, image_size: int, batch_size: int,
     shard_index: this process's shard; default ``jax.process_index()``.
     shard_count: number of shards; default ``jax.process_count()``.
     num_workers: grain worker processes (0 = decode in this process's
-      threads). Changing it changes the batch order (still deterministic) and
-      invalidates saved iterator states.
+      threads). Changing it changes the batch order (still deterministic),
+      so a run resumed with another value sees other batches.
     drop_remainder: drop a last incomplete batch (matters for eval).
     read_options: grain thread options; default 4 threads, a small buffer.
     start_batch: global batches to skip (a resumed run passes its step):

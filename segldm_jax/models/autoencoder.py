@@ -113,16 +113,20 @@ class Level(nn.Module):
     return x
 
 
-class Encoder(nn.Module):
+class _Coder(nn.Module):
+  """The hyper-parameters taming's Encoder and Decoder share (`ddconfig`)."""
   ch: int
   ch_mult: Sequence[int]
   num_res_blocks: int
   attn_resolutions: Sequence[int]
   resolution: int
-  z_channels: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
+
+
+class Encoder(_Coder):
+  z_channels: int = 3
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -140,16 +144,8 @@ class Encoder(nn.Module):
     return layers.conv3x3(self.z_channels, self.dtype, "conv_out", conv=self.conv)(h)
 
 
-class Decoder(nn.Module):
-  ch: int
-  ch_mult: Sequence[int]
-  num_res_blocks: int
-  attn_resolutions: Sequence[int]
-  resolution: int
-  out_ch: int
-  dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-  conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
+class Decoder(_Coder):
+  out_ch: int = 3
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
