@@ -16,11 +16,9 @@ generated images it
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
-from segldm_jax.data.base import IGNORE_ID, check_num_classes
+from segldm_jax.data.base import IGNORE_ID
 from segldm_jax.data.synthetic import class_colours, colour_spacing
 
 # A raw pixel within this fraction of the grid spacing (per channel) of a
@@ -114,13 +112,6 @@ def segment_synthetic(images: np.ndarray, num_classes: int) -> np.ndarray:
     pick = np.where(raw_dist <= trust, from_raw, from_smooth)
     out[b] = keep[pick].reshape(h, w)
   return out[0] if single else out
-
-
-def synthetic_segmenter(num_classes: int) -> Callable[[np.ndarray],
-                                                      np.ndarray]:
-  """Returns ``images -> labels`` for scenes with ``num_classes`` classes."""
-  num_classes = check_num_classes(num_classes)
-  return lambda images: segment_synthetic(images, num_classes)
 
 
 def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int,

@@ -1,4 +1,6 @@
 """Tests for the synthetic scenes and the mask-adherence scorer."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -6,7 +8,7 @@ from segldm_jax.data import IGNORE_ID
 from segldm_jax.data.synthetic import (SyntheticSource, class_colours,
                                        colour_spacing)
 from segldm_jax.evaluate import (confusion_matrix, iou_per_class, mean_iou,
-                                 segment_synthetic, synthetic_segmenter)
+                                 segment_synthetic)
 
 
 def _batch(source):
@@ -75,7 +77,7 @@ def test_class_colours_are_distinct_and_fixed():
 @pytest.mark.parametrize("num_classes,size", [(182, 64), (8, 32)])
 def test_scorer_recovers_the_labels(num_classes, size):
   images, labels = _batch(SyntheticSource(16, size, num_classes, seed=7))
-  segment = synthetic_segmenter(num_classes)
+  segment = functools.partial(segment_synthetic, num_classes=num_classes)
   clean = mean_iou(segment(images), labels, num_classes)
   degraded = mean_iou(segment(_blur3_and_noise(images, sigma=8.0)), labels,
                       num_classes)
