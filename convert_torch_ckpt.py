@@ -16,11 +16,11 @@ import sys
 import time
 import traceback
 
-from segldm_jax import layout
-from segldm_jax.formatting import printable
 from segldm_jax import checkpoints
 from segldm_jax import convert
+from segldm_jax import layout
 from segldm_jax.convert import infer_config
+from segldm_jax.formatting import printable
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,11 @@ class InputError(UserError, ValueError):
   """A file or value given to a script cannot be used as it is."""
 
 
+class ModelConfigError(UserError, ValueError):
+  """A model config (LDM YAML node) names an unknown target or an option the
+  port does not support."""
+
+
 class WorkdirError(UserError, OSError):
   """A workdir cannot be used: not writable, too little free space."""
 

@@ -13,11 +13,11 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
-from segldm_jax import layout
-from segldm_jax import errors
-from segldm_jax import vq_training
 from segldm_jax import checkpoints
+from segldm_jax import errors
+from segldm_jax import layout
 from segldm_jax import run_config
+from segldm_jax import vq_training
 from segldm_jax.data.device import images_to_model_range
 from segldm_jax.models import build
 

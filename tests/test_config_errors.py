@@ -26,14 +26,14 @@ import pytest
 import yaml
 
 from configs import seg_f4
-from segldm_jax import saved_shapes
-from segldm_jax import layout
-from segldm_jax import errors
 from segldm_jax import checkpoints
-from segldm_jax import first_stage
 from segldm_jax import cli
-from segldm_jax import run_config
+from segldm_jax import errors
+from segldm_jax import first_stage
+from segldm_jax import layout
 from segldm_jax import ldm_training
+from segldm_jax import run_config
+from segldm_jax import saved_shapes
 from segldm_jax.models import build
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

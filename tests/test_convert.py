@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 import torch_files
-from segldm_jax import layout
 from segldm_jax import checkpoints
 from segldm_jax import convert
+from segldm_jax import layout
 from segldm_jax.convert import torch_io
 from segldm_jax.models import build
 

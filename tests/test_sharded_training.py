@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from segldm_jax import parallel
 from segldm_jax import ldm_training
+from segldm_jax import parallel
 from segldm_jax.models import build
 
 TRAIN = {"base_learning_rate": 1e-4, "batch_size": 8}

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 import event_files
-from segldm_jax import layout
 from segldm_jax import checkpoints
+from segldm_jax import layout
 from segldm_jax import metrics
 from segldm_jax import run_config
 from segldm_jax import viz

@@ -20,9 +20,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from segldm_jax.diffusion import schedule as schedule_lib
 from segldm_jax.convert import infer_config
 from segldm_jax.convert import torch_io
+from segldm_jax.diffusion import schedule as schedule_lib
 from segldm_jax.models import build
 
 Params = dict[str, Any]

@@ -14,8 +14,8 @@ from PIL import Image
 
 from segldm_jax.data import folder
 from segldm_jax.data import pipeline
-from segldm_jax.data.base import IGNORE_ID
 from segldm_jax.data.base import DataError
+from segldm_jax.data.base import IGNORE_ID
 
 
 def fit(array: np.ndarray, size: int, resample) -> np.ndarray:

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import yaml
 
+from segldm_jax.errors import ModelConfigError
+
 from segldm_jax.models.autoencoder import VQModel
 from segldm_jax.models.ldm import LatentDiffusion
 from segldm_jax.models.rescaler import SpatialRescaler
@@ -61,21 +63,17 @@ _LDM_INERT = {
 }
 
 
-class ConfigError(ValueError):
-  """A model config names an unknown target or an unsupported option."""
-
-
 def _check_keys(where: str, params: Mapping[str, Any], known: set[str],
                 inert: Mapping[str, Any]) -> None:
   for key, value in params.items():
     if key in known:
       continue
     if key not in inert:
-      raise ConfigError(f"{where}: unknown option {key!r}={value!r}; supported: "
+      raise ModelConfigError(f"{where}: unknown option {key!r}={value!r}; supported: "
                         f"{', '.join(sorted(known))}")
     safe = inert[key]
     if safe is not None and value != safe and value is not None:
-      raise ConfigError(f"{where}: option {key}={value!r} is not supported "
+      raise ModelConfigError(f"{where}: option {key}={value!r} is not supported "
                         f"(only {key}={safe!r})")
 
 
@@ -124,13 +122,13 @@ def build_ldm(params: Mapping[str, Any], **kw) -> LatentDiffusion:
   if settings.get("conditioning_key") is None:
     settings["conditioning_key"] = "concat" if settings["concat_mode"] else "crossattn"
   if settings["conditioning_key"] != "concat":
-    raise ConfigError("LatentDiffusion: only conditioning_key 'concat' (the "
+    raise ModelConfigError("LatentDiffusion: only conditioning_key 'concat' (the "
                       f"segmentation recipe) is supported, got "
                       f"{settings['conditioning_key']!r}")
   if settings["learn_logvar"]:
-    raise ConfigError("LatentDiffusion: learn_logvar=True is not supported")
+    raise ModelConfigError("LatentDiffusion: learn_logvar=True is not supported")
   if settings["num_timesteps_cond"] != 1:
-    raise ConfigError("LatentDiffusion: num_timesteps_cond must be 1")
+    raise ModelConfigError("LatentDiffusion: num_timesteps_cond must be 1")
   ldm = LatentDiffusion(
       unet=build_model(sub["unet_config"], **kw),
       cond_stage=build_model(sub["cond_stage_config"], **kw),
@@ -138,7 +136,7 @@ def build_ldm(params: Mapping[str, Any], **kw) -> LatentDiffusion:
       settings=flax.core.FrozenDict(settings))
   if not isinstance(ldm.unet, UNetModel) or not isinstance(
       ldm.first_stage, VQModel) or not isinstance(ldm.cond_stage, SpatialRescaler):
-    raise ConfigError("LatentDiffusion: expected a UNetModel, a VQ first stage "
+    raise ModelConfigError("LatentDiffusion: expected a UNetModel, a VQ first stage "
                       "and a SpatialRescaler cond stage")
   return ldm
 
@@ -154,7 +152,7 @@ def build_model(node: Mapping[str, Any], **kw) -> nn.Module | LatentDiffusion:
   """
   target = node.get("target")
   if target not in _BUILDERS:
-    raise ConfigError(f"unsupported model target {target!r}; supported: "
+    raise ModelConfigError(f"unsupported model target {target!r}; supported: "
                       f"{', '.join(sorted(_BUILDERS))}")
   return _BUILDERS[target](node.get("params", {}), **kw)
 
@@ -165,10 +163,10 @@ def load_model_config(path: str | pathlib.Path) -> dict:
   try:
     doc = yaml.safe_load(path.read_text())
   except (OSError, yaml.YAMLError) as e:
-    raise ConfigError(f"{path}: cannot read model config: {e}") from None
+    raise ModelConfigError(f"{path}: cannot read model config: {e}") from None
   node = doc.get("model", doc) if isinstance(doc, dict) else None
   if not isinstance(node, dict) or "target" not in node:
-    raise ConfigError(f"{path}: no `model.target` found; expected an LDM-style "
+    raise ModelConfigError(f"{path}: no `model.target` found; expected an LDM-style "
                       "config (model: {target: ..., params: ...})")
   return node
 
