@@ -118,7 +118,8 @@ def save_converted_workdir(workdir: str | pathlib.Path, config: Mapping[str, Any
   """A workdir that `sample.py --workdir` (and `train.py` to fine-tune) reads."""
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / CONFIG_FILE).write_text(json.dumps(formatting.plain(config), indent=2) + "\n")
+  (workdir / CONFIG_FILE).write_text(
+      json.dumps(formatting.plain(config), indent=2) + "\n")
   items = {"params": ocp.args.StandardSave(params),
            "meta": ocp.args.JsonSave(formatting.plain(meta))}
   if ema_params is not None:
@@ -178,7 +179,8 @@ def _save_failure(directory: pathlib.Path, error: BaseException,
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     reason = f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
   try:
-    free = f" ({formatting.human_bytes(shutil.disk_usage(directory).free)} free there)"
+    free = shutil.disk_usage(directory).free
+    free = f" ({formatting.human_bytes(free)} free there)"
   except OSError:
     free = ""
   kept = (f"the last complete checkpoint (step {latest}) is intact"

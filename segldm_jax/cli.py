@@ -43,7 +43,8 @@ def unknown_key(config: Any, dotted: str) -> str | None:
   for i, part in enumerate(parts):
     name = part.split("[")[0]
     if not hasattr(node, "keys"):
-      return (f"config key {'.'.join(done)} holds {formatting.one_line(repr(node), 60)} "
+      held = formatting.one_line(repr(node), 60)
+      return (f"config key {'.'.join(done)} holds {held} "
               f"({type(node).__name__}), it has no field {name!r}")
     keys = [str(k) for k in node.keys()]
     if name not in keys:
@@ -99,7 +100,8 @@ def flag_error(argv: Sequence[str], error: BaseException) -> str:
   if m and config is not None:  # A value of the wrong type.
     current = run_config.get_key(config, m.group(1))
     if current is not run_config.MISSING:
-      return (f"--config.{m.group(1)}={m.group(2)}: {formatting.one_line(m.group(3))}; "
+      why = formatting.one_line(m.group(3))
+      return (f"--config.{m.group(1)}={m.group(2)}: {why}; "
               f"the config's value is {current!r} ({type(current).__name__})")
   lines = [line.strip() for line in text.splitlines() if line.strip()]
   if isinstance(error, OSError) and path and lines:  # The file did not load.

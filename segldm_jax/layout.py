@@ -48,7 +48,8 @@ def ensure_writable(workdir: pathlib.Path) -> None:
     probe.write_bytes(b"\0" * 4096)
     probe.unlink()
   except OSError as e:
-    raise errors.WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}")
+    raise errors.WorkdirError(
+        f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
 def tree_nbytes(tree: Any) -> int:
@@ -74,9 +75,10 @@ def check_free_space(workdir: pathlib.Path, state_bytes: int, keep: int,
   free = shutil.disk_usage(workdir).free
   if free < needed:
     already = f", {existing} already saved" if existing else ""
+    gib = formatting.human_bytes
     raise errors.WorkdirError(
-        f"workdir {workdir}: {formatting.human_bytes(free)} free on its filesystem, but "
-        f"its checkpoints need {formatting.human_bytes(needed)} ({copies} x "
-        f"{formatting.human_bytes(state_bytes)} train state: train.keep_checkpoints="
-        f"{keep} + 1 being written{already}, plus margin); free space, pass "
-        "--config.train.keep_checkpoints=1 or use a --workdir on a bigger disk")
+        f"workdir {workdir}: {gib(free)} free on its filesystem, but its "
+        f"checkpoints need {gib(needed)} ({copies} x {gib(state_bytes)} train "
+        f"state: train.keep_checkpoints={keep} + 1 being written{already}, "
+        "plus margin); free space, pass --config.train.keep_checkpoints=1 or "
+        "use a --workdir on a bigger disk")

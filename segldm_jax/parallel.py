@@ -194,8 +194,9 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     rows = x.shape[0] * jax.process_count() if x.ndim else 0
     if x.ndim == 0 or rows % shards:
       raise ValueError(
-          f"batch entry {formatting.path_str(path)!r} with shape {x.shape}: the global "
-          f"batch ({rows} rows) must split evenly over {shards} batch shards "
+          f"batch entry {formatting.path_str(path)!r} with shape {x.shape}: "
+          f"the global batch ({rows} rows) must split evenly over {shards} "
+          "batch shards "
           f"(mesh axes {batch_axes(mesh)})")
     return jax.make_array_from_process_local_data(sharding, x)
 
@@ -236,8 +237,8 @@ def describe(shardings: Any, abstract_tree: Any, top: int = 10) -> str:
   rows = []
   for (path, x), s in zip(flat_x, flat_s):
     shape = tuple(np.shape(x))
-    rows.append((formatting.path_str(path), shape, _spec_str(s.spec), _nbytes(shape, x),
-                 _nbytes(s.shard_shape(shape), x)))
+    rows.append((formatting.path_str(path), shape, _spec_str(s.spec),
+                 _nbytes(shape, x), _nbytes(s.shard_shape(shape), x)))
   total = sum(r[3] for r in rows)
   local = sum(r[4] for r in rows)
   rows.sort(key=lambda r: -r[3])  # Stable: equal sizes keep tree order.

@@ -83,9 +83,11 @@ class MidBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c = x.shape[-1]
-    x = ResnetBlock(c, self.dropout, self.dtype, name="block_1", conv=self.conv)(x, train)
+    x = ResnetBlock(c, self.dropout, self.dtype, name="block_1",
+                    conv=self.conv)(x, train)
     x = AttnBlock(self.dtype, name="attn_1")(x)
-    return ResnetBlock(c, self.dropout, self.dtype, name="block_2", conv=self.conv)(x, train)
+    return ResnetBlock(c, self.dropout, self.dtype, name="block_2",
+                       conv=self.conv)(x, train)
 
 
 class Level(nn.Module):
@@ -141,7 +143,8 @@ class Encoder(_Coder):
       res = res // 2 if i != last else res
     h = MidBlock(self.dropout, self.dtype, name="mid", conv=self.conv)(h, train)
     h = nn.silu(layers.group_norm(h, _EPS, "norm_out"))
-    return layers.conv3x3(self.z_channels, self.dtype, "conv_out", conv=self.conv)(h)
+    return layers.conv3x3(self.z_channels, self.dtype, "conv_out",
+                          conv=self.conv)(h)
 
 
 class Decoder(_Coder):
@@ -150,7 +153,8 @@ class Decoder(_Coder):
   @nn.compact
   def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
     levels = len(self.ch_mult)
-    h = layers.conv3x3(self.ch * self.ch_mult[-1], self.dtype, "conv_in", conv=self.conv)(z)
+    h = layers.conv3x3(self.ch * self.ch_mult[-1], self.dtype, "conv_in",
+                       conv=self.conv)(z)
     h = MidBlock(self.dropout, self.dtype, name="mid", conv=self.conv)(h, train)
     res = self.resolution // 2 ** (levels - 1)
     # Runs from the lowest resolution up, but `up_i` is indexed by level
@@ -161,7 +165,8 @@ class Decoder(_Coder):
                 self.dropout, self.dtype, name=f"up_{i}", conv=self.conv)(h, train)
       res = res * 2 if i != 0 else res
     h = nn.silu(layers.group_norm(h, _EPS, "norm_out"))
-    return layers.conv3x3(self.out_ch, self.dtype, "conv_out", conv=self.conv)(h)
+    return layers.conv3x3(self.out_ch, self.dtype, "conv_out",
+                          conv=self.conv)(h)
 
 
 class VectorQuantizer(nn.Module):

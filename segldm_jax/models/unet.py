@@ -52,7 +52,8 @@ class ResBlock(nn.Module):
       h, x = layers.avg_pool2(h), layers.avg_pool2(x)
     elif self.resample == "up":
       h, x = layers.upsample_nearest(h), layers.upsample_nearest(x)
-    h = layers.conv3x3(self.out_channels, self.dtype, "in_layers_2", conv=self.conv)(h)
+    h = layers.conv3x3(self.out_channels, self.dtype, "in_layers_2",
+                       conv=self.conv)(h)
 
     width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
     e = nn.Dense(width, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))
@@ -177,7 +178,8 @@ class UNetModel(nn.Module):
       return AttentionBlock(self._heads(ch, upsample),
                             self.use_new_attention_order, dt, name=name)
 
-    h = layers.conv3x3(self.model_channels, dt, "input_blocks_0_0", conv=self.conv)(x.astype(dt))
+    h = layers.conv3x3(self.model_channels, dt, "input_blocks_0_0",
+                       conv=self.conv)(x.astype(dt))
     skips = [h]
     k, ds, last = 1, 1, len(self.channel_mult) - 1
     for level, mult in enumerate(self.channel_mult):
@@ -192,7 +194,8 @@ class UNetModel(nn.Module):
         if self.resblock_updown:
           h = res(ch, f"input_blocks_{k}_0", "down")(h, emb, train)
         else:
-          h = Downsample(self.conv_resample, dt, name=f"input_blocks_{k}_0", conv=self.conv)(h)
+          h = Downsample(self.conv_resample, dt, name=f"input_blocks_{k}_0",
+                         conv=self.conv)(h)
         skips.append(h)
         k, ds = k + 1, ds * 2
 
@@ -222,4 +225,5 @@ class UNetModel(nn.Module):
         k += 1
 
     h = nn.silu(layers.group_norm(h, _EPS, "out_0"))
-    return layers.conv3x3(self.out_channels, dt, "out_2", zero_init=True, conv=self.conv)(h)
+    return layers.conv3x3(self.out_channels, dt, "out_2", zero_init=True,
+                          conv=self.conv)(h)
