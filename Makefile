@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(PY) sample.py --workdir $(WORKDIR)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 clean-venv:
 	rm -rf $(VENV)

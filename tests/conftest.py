@@ -10,6 +10,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 host devices so sharding tests run on CPU; must be set before jax loads.
@@ -31,6 +32,19 @@ xla_cpu.use_xnnpack_convolutions()  # the numerics train.py and sample.py get
 import pytest  # pylint: disable=g-import-not-at-top
 
 TESTS_DIR = pathlib.Path(__file__).parent
+# The suite's time budget on a 2-core CPU: `make test` (venv build included)
+# must finish within 15 minutes in CI, so new features fit their tests in
+# what is left. The ten slowest tests are printed after every run.
+SUITE_BUDGET_S = 780
+_START = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter):
+  elapsed = time.monotonic() - _START
+  verdict = "within" if elapsed <= SUITE_BUDGET_S else "OVER"
+  terminalreporter.write_line(
+      f"suite time {elapsed:.0f} s, {verdict} the {SUITE_BUDGET_S} s budget "
+      "(tests/conftest.py)")
 
 
 @pytest.fixture(scope="session")

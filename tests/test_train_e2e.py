@@ -40,10 +40,11 @@ SYNTHETIC = ["--config.data.source=synthetic", "--config.data.num_records=32",
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env():
   e = dict(os.environ)
-  e.update(JAX_PLATFORMS="cpu", XLA_FLAGS="",  # one device, as users run it
-           JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla")),
+  # One device, as users run it; the session's compilation cache (conftest)
+  # is shared with the other modules that run train.py the same way.
+  e.update(JAX_PLATFORMS="cpu", XLA_FLAGS="",
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return e
