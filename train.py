@@ -113,7 +113,8 @@ def main(argv):
     first_stage_lib.check(config, workdir)
     layout.ensure_writable(workdir)
     mgr = checkpoints.train_checkpoint_manager(workdir, config.train)
-    start_step = mgr.latest_step() or 0
+    resume_from = checkpoints.resume_step(mgr)  # None: a new run
+    start_step = resume_from or 0
     # Shapes only (no weights): what saved tensors and free space are
     # checked against, before the first stage or a sample is written; the
     # Sharding section derives the state's shardings from the same.
@@ -122,7 +123,7 @@ def main(argv):
     abstract_state = jax.eval_shape(
         lambda p: ldm_training.init_state(p, optimizer), param_shapes)
     saved_config = None  # the Model section overwrites it; kept for errors
-    if start_step:
+    if resume_from is not None:
       run_config.check_resume(config, workdir, start_step)
       saved_shapes.check_saved_params(workdir, start_step, param_shapes)
       if (workdir / layout.CONFIG_FILE).is_file():
@@ -185,7 +186,8 @@ def main(argv):
     config.model.params.first_stage_config = fs_node
     if config.model.params.get("scale_by_std", False):
       config.model.params.scale_factor = first_stage_lib.std_scale_factor(
-          fs_module, fs_params, first_batch["image"], workdir, start_step)
+          fs_module, fs_params, first_batch["image"], workdir,
+          resume_from is not None)
   geometry = run_config.geometry(config)
   mask_stages = int(math.log2(geometry["image"] // geometry["mask"]))
   ldm = build.build_model(config.model, dtype=jnp.float32)
@@ -220,7 +222,7 @@ def main(argv):
   # ===================================================================== #
   #                              Checkpoints                              #
   # ===================================================================== #
-  if start_step == 0:
+  if resume_from is None:
     state = jax.jit(init_state, out_shardings=state_shardings)(
         jax.random.fold_in(rng, -1 % 2**31))
   else:

@@ -86,9 +86,9 @@ def replay(request, tmp_path_factory):
                                     FIXTURES / f"{name}.yaml")
   ldm = conv.model
   workdir = tmp_path_factory.mktemp(name)
-  start = int(conv.meta.get("global_step", 0))
+  global_step = int(conv.meta.get("global_step", 0))
   checkpoints.save_converted_workdir(
-      workdir, {"model": conv.node}, start,
+      workdir, {"model": conv.node}, global_step,
       {k: conv.params[k] for k in ("unet", "cond_stage")}, conv.ema, conv.meta)
 
   recipe = yaml.safe_load((FIXTURES / f"{name}.yaml").read_text())["model"]
@@ -98,7 +98,8 @@ def replay(request, tmp_path_factory):
   optimizer = ldm_training.make_optimizer(train_cfg)
   param_shapes = saved_shapes.ldm_param_shapes(ldm)
   with checkpoints.checkpoint_manager(workdir) as mgr:
-    state = _restore(mgr, start, optimizer, param_shapes)
+    resume_from = checkpoints.resume_step(mgr)  # train.py's choice
+    state = _restore(mgr, global_step, optimizer, param_shapes)
   restored_counter = int(state.ema_updates)
   restored_ema = jax.tree.map(np.asarray, state.ema)
 
@@ -118,10 +119,11 @@ def replay(request, tmp_path_factory):
 
   # Saved and resumed as train.py does between runs.
   with checkpoints.checkpoint_manager(workdir) as mgr:
-    checkpoints.save_train_state(mgr, start + steps, state)
+    checkpoints.save_train_state(mgr, global_step + steps, state)
     mgr.wait_until_finished()
-    resumed = _restore(mgr, start + steps, optimizer, param_shapes)
+    resumed = _restore(mgr, global_step + steps, optimizer, param_shapes)
   return {"ref": ref, "initial": initial, "conv": conv, "losses": losses,
+          "global_step": global_step, "resume_from": resume_from,
           "state": state, "resumed": resumed,
           "restored_counter": restored_counter, "restored_ema": restored_ema}
 
@@ -166,7 +168,9 @@ def test_ema_counter_ends_at_the_references(replay):
 def test_resuming_a_converted_checkpoint_keeps_the_ema(replay):
   """The checkpoint's LitEma counter and shadow weights survive conversion
   and the restore train.py does (warm-up continues, not restarts); and a
-  saved train state resumes with the count it reached."""
+  saved train state resumes with the count it reached. A workdir at step 0
+  (a file Lightning never stepped) is resumed too, not re-initialised."""
+  assert replay["resume_from"] == replay["global_step"]
   assert replay["restored_counter"] == int(replay["initial"][COUNTER])
   restored = jax.tree.leaves(replay["restored_ema"])
   converted = jax.tree.leaves(replay["conv"].ema)
