@@ -169,7 +169,7 @@ def main(argv):
     config.model.params.first_stage_config = fs_node
     if config.model.params.get("scale_by_std", False):
       config.model.params.scale_factor = first_stage_lib.std_scale_factor(
-          fs_module, fs_params, first_batch["image"], workdir, start.step)
+          fs_module, fs_params, first_batch["image"], workdir, start.resuming)
   geometry = run_config.geometry(config)
   ldm = build.build_model(config.model, conv=conv)
   if is_main:

@@ -226,6 +226,17 @@ def train_checkpoint_manager(workdir: str | pathlib.Path, train_cfg
       pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR, options=options)
 
 
+def resume_step(mgr: ocp.CheckpointManager) -> int | None:
+  """The step a run continues from, or None for a new run.
+
+  Step 0 is resumed like any other: convert_torch_ckpt.py numbers a workdir
+  by the file's global_step, which is 0 for weights Lightning never stepped
+  (or a bare state_dict), and those weights, their EMA and its update count
+  must be restored, not replaced by a fresh init.
+  """
+  return mgr.latest_step()
+
+
 def save_train_state(mgr: ocp.CheckpointManager, step: int, state,
                      force: bool = False) -> None:
   """Saves state as params / ema_params / opt_state / meta items.

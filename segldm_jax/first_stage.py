@@ -109,7 +109,7 @@ def prepare(config, workdir: pathlib.Path, mesh, source, **build_kw):
 
 
 def std_scale_factor(module, params, images: jax.Array, workdir: pathlib.Path,
-                     start_step: int) -> float:
+                     resuming: bool) -> float:
   """`scale_by_std` as the reference does it: 1 / std of the first batch's
   pre-quantisation latents, measured once when a run starts and then kept
   (config.json holds it for resumed runs and for sample.py).
@@ -117,7 +117,7 @@ def std_scale_factor(module, params, images: jax.Array, workdir: pathlib.Path,
   Diffusion's noise schedule assumes latents of unit scale; a VQ's latents
   are whatever its training made them (the demo VQ's: std ~0.77).
   """
-  if start_step > 0:
+  if resuming:  # also a converted workdir at step 0: the file's value
     return float(run_config.load(workdir).model.params.scale_factor)
 
   @jax.jit

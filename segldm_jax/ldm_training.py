@@ -127,7 +127,11 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
                     ) -> Callable:
   """-> step(state, batch, first_stage_params, rng) -> (state, metrics).
 
-  batch: {"image": uint8 (B, H, W, 3), "labels": uint8 (B, H, W)}. With
+  batch: {"image": uint8 (B, H, W, 3), "labels": uint8 (B, H, W)}, and
+  optionally "pinned": {"t": (B,), "noise": (B, h, w, C) latent-shaped}, the
+  timesteps and noise to use instead of drawing them (a test seam: the
+  trajectory parity test replays the original's draws; without it the
+  program is the one train.py always compiled). With
   `grad_accum` = k the batch is processed as k interleaved micro-batches
   (rows i, i+k, ...) so each stays spread over all devices. `mask_stages`
   area-halvings bring image-size labels to data.mask_size first.
@@ -175,8 +179,12 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
     z = jax.lax.stop_gradient(ldm.encode(first_stage_params, image))
     # Noise and timesteps are drawn for the whole batch, so splitting it
     # into micro-batches changes memory, not the update.
-    t = jax.random.randint(k_t, (z.shape[0],), 0, schedule.num_timesteps)
-    noise = jax.random.normal(k_noise, z.shape, jnp.float32)
+    if "pinned" in batch:  # given instead (parity tests); a trace-time switch
+      t = batch["pinned"]["t"].astype(jnp.int32)
+      noise = batch["pinned"]["noise"].astype(jnp.float32)
+    else:
+      t = jax.random.randint(k_t, (z.shape[0],), 0, schedule.num_timesteps)
+      noise = jax.random.normal(k_noise, z.shape, jnp.float32)
     if cond_drop > 0:
       keep = jax.random.bernoulli(jax.random.fold_in(step_key, 1),
                                   1.0 - cond_drop, (z.shape[0],))

@@ -32,7 +32,8 @@ class Start:
   """Where a run starts, as far as it can be known before any device work."""
   geometry: run_config.Geometry
   manager: ocp.CheckpointManager
-  step: int                 # 0 for a new run, else the checkpoint resumed
+  step: int                 # the step the run continues from (0 when new)
+  resuming: bool            # a checkpoint exists (a converted one may be 0)
   optimizer: optax.GradientTransformation
   abstract_state: ldm_training.TrainState  # ShapeDtypeStructs, no weights
   saved_config: str | None  # the workdir's config.json text when resuming
@@ -56,7 +57,8 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
   first_stage.check(config, workdir)
   layout.ensure_writable(workdir)
   manager = checkpoints.train_checkpoint_manager(workdir, config.train)
-  step = manager.latest_step() or 0
+  resume_from = checkpoints.resume_step(manager)  # None: a new run
+  step = resume_from or 0
   # Shapes only: what saved tensors and free space are checked against, and
   # what train.py derives the state's shardings from.
   optimizer = ldm_training.make_optimizer(config.train)
@@ -64,7 +66,7 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
   abstract_state = jax.eval_shape(
       lambda p: ldm_training.init_state(p, optimizer), param_shapes)
   saved_config = None
-  if step:
+  if resume_from is not None:
     run_config.check_resume(config, workdir, step)
     try:
       saved_shapes.check_saved_params(workdir, step, param_shapes)
@@ -78,6 +80,7 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
       workdir, layout.tree_nbytes(abstract_state),
       keep=config.train.keep_checkpoints, existing=len(manager.all_steps()))
   return Start(geometry=geometry, manager=manager, step=step,
+               resuming=resume_from is not None,
                optimizer=optimizer, abstract_state=abstract_state,
                saved_config=saved_config)
 
@@ -87,7 +90,7 @@ def initial_state(start: Start, workdir: pathlib.Path,
                   shardings: Any, is_main: bool):
   """A new state, born sharded (`init_fn(init_key)` jitted with
   `shardings`), or the checkpoint at `start.step` read into `shardings`."""
-  if start.step == 0:
+  if not start.resuming:
     return jax.jit(init_fn, out_shardings=shardings)(init_key)
   logging.info("resuming from step %d", start.step)
   try:
