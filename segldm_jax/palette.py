@@ -6,7 +6,11 @@
   clouds and grass, so landscapes look like landscapes.
 * 150 classes: the standard ADE20K palette (CSAIL semantic-segmentation
   ``color150``, also mmsegmentation's ``ADE20KDataset`` palette); id ``k`` is
-  ADE class ``k + 1``. Kept verbatim: ids 6 and 48 share (140, 140, 140).
+  ADE class ``k + 1``. One change: there, ids 6 (road) and 48 (skyscraper)
+  share (140, 140, 140), so a painted colour could not say which; here
+  skyscraper is (140, 140, 200), a colour no other class has. Masks
+  coloured with the original palette read that grey as road.
+* 19 classes: the Cityscapes train ids in their official colours.
 * any other count: the same bit-interleaved map of ``id + 1`` (distinct
   colours for up to 2**21 - 1 ids, none black).
 
@@ -67,8 +71,79 @@ _ADE20K = (
     (184, 255, 0), (0, 133, 255), (255, 214, 0), (25, 194, 194),
     (102, 255, 0), (92, 0, 255),
 )
+_ADE20K_SKYSCRAPER = (48, (140, 140, 200))  # see the module docstring
 
-_NAMED_SIZES = {"coco_stuff": 182, "ade20k": 150}
+_CITYSCAPES = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156),
+    (190, 153, 153), (153, 153, 153), (250, 170, 30), (220, 220, 0),
+    (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100),
+    (0, 0, 230), (119, 11, 32),
+)
+
+# COCO-Stuff: id k is COCO-Stuff label k + 1: the 91 COCO thing ids (11 of them
+# never annotated: COCO_STUFF_UNUSED), then the 91 stuff classes.
+COCO_STUFF_NAMES = ('person', 'bicycle', 'car', 'motorcycle', 'airplane',
+    'bus', 'train', 'truck', 'boat', 'traffic light', 'fire hydrant',
+    'street sign', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog',
+    'horse', 'sheep', 'cow', 'elephant', 'bear', 'zebra', 'giraffe', 'hat',
+    'backpack', 'umbrella', 'shoe', 'eye glasses', 'handbag', 'tie',
+    'suitcase', 'frisbee', 'skis', 'snowboard', 'sports ball', 'kite',
+    'baseball bat', 'baseball glove', 'skateboard', 'surfboard',
+    'tennis racket', 'bottle', 'plate', 'wine glass', 'cup', 'fork', 'knife',
+    'spoon', 'bowl', 'banana', 'apple', 'sandwich', 'orange', 'broccoli',
+    'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch',
+    'potted plant', 'bed', 'mirror', 'dining table', 'window', 'desk',
+    'toilet', 'door', 'tv', 'laptop', 'mouse', 'remote', 'keyboard',
+    'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator',
+    'blender', 'book', 'clock', 'vase', 'scissors', 'teddy bear', 'hair drier',
+    'toothbrush', 'hair brush', 'banner', 'blanket', 'branch', 'bridge',
+    'building-other', 'bush', 'cabinet', 'cage', 'cardboard', 'carpet',
+    'ceiling-other', 'ceiling-tile', 'cloth', 'clothes', 'clouds', 'counter',
+    'cupboard', 'curtain', 'desk-stuff', 'dirt', 'door-stuff', 'fence',
+    'floor-marble', 'floor-other', 'floor-stone', 'floor-tile', 'floor-wood',
+    'flower', 'fog', 'food-other', 'fruit', 'furniture-other', 'grass',
+    'gravel', 'ground-other', 'hill', 'house', 'leaves', 'light', 'mat',
+    'metal', 'mirror-stuff', 'moss', 'mountain', 'mud', 'napkin', 'net',
+    'paper', 'pavement', 'pillow', 'plant-other', 'plastic', 'platform',
+    'playingfield', 'railing', 'railroad', 'river', 'road', 'rock', 'roof',
+    'rug', 'salad', 'sand', 'sea', 'shelf', 'sky-other', 'skyscraper', 'snow',
+    'solid-other', 'stairs', 'stone', 'straw', 'structural-other', 'table',
+    'tent', 'textile-other', 'towel', 'tree', 'vegetable', 'wall-brick',
+    'wall-concrete', 'wall-other', 'wall-panel', 'wall-stone', 'wall-tile',
+    'wall-wood', 'water-other', 'waterdrops', 'window-blind', 'window-other',
+    'wood')
+COCO_STUFF_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+# ADE20K SceneParsing: id k is ADE class k + 1 (annotation value 0 = unlabeled).
+ADE20K_NAMES = ('wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road',
+    'bed', 'windowpane', 'grass', 'cabinet', 'sidewalk', 'person', 'earth',
+    'door', 'table', 'mountain', 'plant', 'curtain', 'chair', 'car', 'water',
+    'painting', 'sofa', 'shelf', 'house', 'sea', 'mirror', 'rug', 'field',
+    'armchair', 'seat', 'fence', 'desk', 'rock', 'wardrobe', 'lamp', 'bathtub',
+    'railing', 'cushion', 'base', 'box', 'column', 'signboard', 'chest',
+    'counter', 'sand', 'sink', 'skyscraper', 'fireplace', 'refrigerator',
+    'grandstand', 'path', 'stairs', 'runway', 'case', 'pool', 'pillow',
+    'screen', 'stairway', 'river', 'bridge', 'bookcase', 'blind', 'coffee',
+    'toilet', 'flower', 'book', 'hill', 'bench', 'countertop', 'stove', 'palm',
+    'kitchen', 'computer', 'swivel', 'boat', 'bar', 'arcade', 'hovel', 'bus',
+    'towel', 'light', 'truck', 'tower', 'chandelier', 'awning', 'streetlight',
+    'booth', 'television', 'airplane', 'dirt', 'apparel', 'pole', 'land',
+    'bannister', 'escalator', 'ottoman', 'bottle', 'buffet', 'poster', 'stage',
+    'van', 'ship', 'fountain', 'conveyer', 'canopy', 'washer', 'plaything',
+    'swimming', 'stool', 'barrel', 'basket', 'waterfall', 'tent', 'bag',
+    'minibike', 'cradle', 'oven', 'ball', 'food', 'step', 'tank', 'trade',
+    'microwave', 'pot', 'animal', 'bicycle', 'lake', 'dishwasher', 'screen',
+    'blanket', 'sculpture', 'hood', 'sconce', 'vase', 'traffic', 'tray',
+    'ashcan', 'fan', 'pier', 'crt', 'plate', 'monitor', 'bulletin', 'shower',
+    'radiator', 'glass', 'clock', 'flag')
+# Cityscapes: the 19 train ids.
+CITYSCAPES_NAMES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole',
+    'traffic light', 'traffic sign', 'vegetation', 'terrain', 'sky', 'person',
+    'rider', 'car', 'truck', 'bus', 'train', 'motorcycle', 'bicycle')
+
+_NAMES = {"coco_stuff": COCO_STUFF_NAMES, "ade20k": ADE20K_NAMES,
+          "cityscapes": CITYSCAPES_NAMES}
+_NAMED_SIZES = {name: len(names) for name, names in _NAMES.items()}
 
 
 def bit_palette(num_classes: int) -> np.ndarray:
@@ -87,9 +162,11 @@ def palette(num_classes: int, name: str | None = None) -> np.ndarray:
 
   Args:
     num_classes: number of classes.
-    name: "coco_stuff" (182), "ade20k" (150) or "generic"; None picks by
-      ``num_classes`` (182 -> COCO-Stuff, 150 -> ADE20K, else generic).
+    name: "coco_stuff" (182), "ade20k" (150), "cityscapes" (19) or
+      "generic" ("-" and "_" alike); None picks by ``num_classes`` (182 ->
+      COCO-Stuff, 150 -> ADE20K, else generic).
   """
+  name = None if name is None else name.replace("-", "_")
   if num_classes < 1 or num_classes >= 2**21:
     raise ValueError(f"num_classes must be in 1..{2**21 - 1}, got "
                      f"{num_classes}")
@@ -99,10 +176,14 @@ def palette(num_classes: int, name: str | None = None) -> np.ndarray:
     raise ValueError(f"the {name} palette has {_NAMED_SIZES[name]} classes, "
                      f"not {num_classes}")
   if name == "ade20k":
-    return np.array(_ADE20K, np.uint8)
+    colours = np.array(_ADE20K, np.uint8)
+    colours[_ADE20K_SKYSCRAPER[0]] = _ADE20K_SKYSCRAPER[1]
+    return colours
+  if name == "cityscapes":
+    return np.array(_CITYSCAPES, np.uint8)
   if name not in ("coco_stuff", "generic"):
-    raise ValueError(f"unknown palette {name!r}; use coco_stuff, ade20k or "
-                     f"generic")
+    raise ValueError(f"unknown palette {name!r}; use coco-stuff, ade20k, "
+                     "cityscapes or generic")
   colours = bit_palette(num_classes)
   if name == "coco_stuff":
     for class_id, rgb in _COCO_STUFF_FIXED.items():
@@ -127,3 +208,12 @@ def colorize(labels, colours: np.ndarray) -> np.ndarray:
     raise ValueError(f"label {labels[bad].flat[0]} has no colour (palette "
                      f"has {len(colours)} entries; {IGNORE_ID} = ignore)")
   return table[labels]
+
+
+def named(name: str) -> tuple[np.ndarray, tuple[str, ...]]:
+  """A dataset's label set: (colours uint8 (K, 3), class names)."""
+  key = name.replace("-", "_")
+  if key not in _NAMES:
+    raise ValueError(f"unknown label set {name!r}; use "
+                     f"{', '.join(n.replace('_', '-') for n in _NAMES)}")
+  return palette(_NAMED_SIZES[key], key), _NAMES[key]

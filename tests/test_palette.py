@@ -30,8 +30,12 @@ def test_ade20k_palette_is_the_csail_color150():
   np.testing.assert_array_equal(colours[-2:], [[102, 255, 0], [92, 0, 255]])
   np.testing.assert_array_equal(colours[2], [6, 230, 230])  # sky
   np.testing.assert_array_equal(colours[4], [4, 200, 3])  # tree
-  # Checksum of all 450 values (cross-checked against the DeepLab copy).
-  assert int(colours.astype(np.int64).sum()) == 58427
+  # Checksum of all 450 values (cross-checked against the DeepLab copy),
+  # with skyscraper's (id 48) blue 140 -> 200: CSAIL gives it road's grey.
+  assert int(colours.astype(np.int64).sum()) == 58427 + 60
+  np.testing.assert_array_equal(colours[[6, 48]], [[140, 140, 140],
+                                                   [140, 140, 200]])
+  assert len(np.unique(colours, axis=0)) == 150  # every colour says one id
   with pytest.raises(ValueError, match="ade20k palette has 150"):
     palette(151, "ade20k")
 

@@ -18,7 +18,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from segldm_jax.data.base import DataError
+from segldm_jax.data.base import IGNORE_ID, DataError
 from segldm_jax.data.labels import LabelSpec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -83,8 +83,10 @@ def read_mask(path: str, spec: LabelSpec) -> np.ndarray:
   try:
     with Image.open(path) as mask:
       mode = mask.mode
+      unknown = None
       if spec.uses_palette:
-        values = spec.colours_to_values(np.asarray(mask.convert("RGB")), path)
+        values, unknown = spec.colours_to_values(
+            np.asarray(mask.convert("RGB")), path)
       elif mode in ("L", "P", "1"):  # "P": stored indices are the ids
         values = np.asarray(mask).astype(np.uint8)
       elif mode.startswith("I"):  # 16/32-bit label maps
@@ -97,7 +99,10 @@ def read_mask(path: str, spec: LabelSpec) -> np.ndarray:
     raise
   except _PIL_ERRORS as e:
     raise DataError(f"cannot read mask {path}: {e}") from e
-  return spec.to_ids(values, path)
+  ids = spec.to_ids(values, path)
+  if unknown is not None and unknown.any():  # unknown_colours="ignore"
+    ids[unknown] = IGNORE_ID
+  return ids
 
 
 @dataclasses.dataclass(frozen=True)

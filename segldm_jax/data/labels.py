@@ -146,6 +146,41 @@ def load_remap(remap: Any) -> dict[int, int]:
   return out
 
 
+UNKNOWN_COLOURS = ("error", "ignore")
+EDGE_PX = 2  # blended edges of a painted mask, filled from their neighbours
+
+
+def _nearest(codes: np.ndarray, palette_codes: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """-> (index of the nearest palette colour, its RGB distance) per code."""
+  def rgb(c):
+    return np.stack([(c >> s) & 255 for s in (16, 8, 0)], -1).astype(np.float32)
+  a, b = rgb(codes), rgb(palette_codes)
+  d2 = ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None])
+  near = d2.argmin(1)
+  return near, np.sqrt(np.maximum(d2[np.arange(len(codes)), near], 0))
+
+
+def _fill_from_neighbours(values: np.ndarray, known: np.ndarray, steps: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+  """Unknown pixels within `steps` pixels (8-neighbourhood) of known ones
+  take a known neighbour's value."""
+  h, w = known.shape
+  for _ in range(steps):
+    if known.all():
+      break
+    pk, pv = np.pad(known, 1), np.pad(values, 1)
+    grown_known, grown = known.copy(), values.copy()
+    for dy in (-1, 0, 1):
+      for dx in (-1, 0, 1):
+        nk = pk[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+        take = ~grown_known & nk
+        grown = np.where(take, pv[1 + dy:1 + dy + h, 1 + dx:1 + dx + w], grown)
+        grown_known |= take
+    values, known = grown, grown_known
+  return values, known
+
+
 def _codes(rgb: np.ndarray) -> np.ndarray:
   rgb = rgb.astype(np.int32)
   return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
@@ -168,11 +203,22 @@ class LabelSpec:
   remap: dict[int, int] | None = None
   palette_codes: np.ndarray | None = None  # sorted packed 0xRRGGBB
   palette_ids: np.ndarray | None = None  # id of each sorted code
+  # Painted masks (see `colours_to_values`); datasets keep exact colours.
+  palette_tolerance: float = 0.0  # RGB distance a colour may snap over
+  unknown_colours: str = "error"  # or "ignore": unmatched pixels = IGNORE_ID
 
   @classmethod
   def create(cls, num_classes: int, *, ignore_label: int | None = None,
-             palette: Any = None, remap: Any = None) -> "LabelSpec":
+             palette: Any = None, remap: Any = None,
+             palette_tolerance: float = 0.0,
+             unknown_colours: str = "error") -> "LabelSpec":
     """Validates the settings and loads the palette / remap files."""
+    if unknown_colours not in UNKNOWN_COLOURS:
+      raise ValueError(f"unknown_colours={unknown_colours!r}; use one of "
+                       f"{UNKNOWN_COLOURS}")
+    if palette_tolerance < 0:
+      raise ValueError(f"palette_tolerance must be >= 0, got "
+                       f"{palette_tolerance}")
     num_classes = check_num_classes(num_classes)
     if ignore_label is not None:
       ignore_label = _as_int(ignore_label, "ignore_label", "ignore_label")
@@ -185,24 +231,52 @@ class LabelSpec:
       order = np.argsort(codes, kind="stable")
       codes, ids = codes[order], ids[order]
     remap = load_remap(remap) if remap is not None else None
-    return cls(num_classes, ignore_label, remap, codes, ids)
+    return cls(num_classes, ignore_label, remap, codes, ids,
+               float(palette_tolerance), unknown_colours)
 
   @property
   def uses_palette(self) -> bool:
     return self.palette_codes is not None
 
-  def colours_to_values(self, rgb: np.ndarray, where: str) -> np.ndarray:
-    """Maps an RGB mask (H, W, 3) to stored ids via the palette."""
+  def colours_to_values(self, rgb: np.ndarray, where: str
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB mask (H, W, 3) -> (stored ids (H, W), unknown (H, W) bool).
+
+    Exact palette colours always match. With `palette_tolerance` > 0 (masks
+    people paint) a colour snaps to the nearest palette colour within that
+    RGB distance, and pixels still unmatched that touch matched ones, up to
+    `EDGE_PX` away (the blended edges of an anti-aliased or resized
+    painting), take their neighbour's id. What remains is a DataError that
+    counts the pixels and names the first, or, with unknown_colours
+    "ignore", comes back in `unknown` (its ids are placeholders).
+    """
     codes = _codes(rgb)
-    pos = np.searchsorted(self.palette_codes, codes)
-    pos = np.minimum(pos, len(self.palette_codes) - 1)
-    known = self.palette_codes[pos] == codes
-    if not known.all():
-      unknown = np.unique(codes[~known])
+    uniq, inverse = np.unique(codes, return_inverse=True)
+    inverse = inverse.reshape(codes.shape)
+    if self.palette_tolerance > 0:
+      near, dist = _nearest(uniq, self.palette_codes)
+      ok = dist <= self.palette_tolerance
+    else:
+      near = np.minimum(np.searchsorted(self.palette_codes, uniq),
+                        len(self.palette_codes) - 1)
+      ok = self.palette_codes[near] == uniq
+    values, known = self.palette_ids[near][inverse], ok[inverse]
+    if self.palette_tolerance > 0:
+      values, known = _fill_from_neighbours(values, known, EDGE_PX)
+    if known.all() or self.unknown_colours == "ignore":
+      return values, ~known
+    y, x = (int(v[0]) for v in np.nonzero(~known))
+    if self.palette_tolerance > 0:
       raise DataError(
-          f"{where}: colour {_rgb(unknown[0])} is not in the palette "
-          f"({len(unknown)} unknown colour(s), {int((~known).sum())} pixels)")
-    return self.palette_ids[pos]
+          f"{where}: {int((~known).sum())} pixels are farther than "
+          f"palette_tolerance={self.palette_tolerance:g} from every palette "
+          f"colour, the first at (y={y}, x={x}): {_rgb(codes[y, x])}; paint "
+          "with the palette's colours, raise the tolerance, or let them be "
+          "\"don't care\" (unknown_colours=ignore)")
+    unknown = np.unique(codes[~known])
+    raise DataError(
+        f"{where}: colour {_rgb(unknown[0])} is not in the palette "
+        f"({len(unknown)} unknown colour(s), {int((~known).sum())} pixels)")
 
   def _lookup(self, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Builds value -> class id and value -> is-valid tables for 0..size-1."""

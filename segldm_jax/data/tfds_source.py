@@ -112,7 +112,7 @@ class TfdsSource:
       if mask.ndim != 3 or mask.shape[-1] not in (3, 4):
         raise DataError(f"{where}: palette given but mask {self.mask_key!r} "
                         f"is not RGB: {mask.shape}")
-      values = self.spec.colours_to_values(mask[..., :3], where)
+      values, _ = self.spec.colours_to_values(mask[..., :3], where)  # exact
     else:
       if mask.ndim == 3 and mask.shape[-1] == 1:
         mask = mask[..., 0]
