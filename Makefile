@@ -7,10 +7,11 @@ WORKDIR ?= workdirs/demo
 
 .PHONY: demo test clean-venv
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-eval.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-eval.txt
 	touch $@
 
 demo: $(VENV)/.installed

@@ -42,7 +42,7 @@ import tqdm
 from segldm_jax import errors
 from segldm_jax import checkpoints
 from segldm_jax import editing
-from segldm_jax import evaluate
+from segldm_jax.eval import miou as evaluate
 from segldm_jax import first_stage as first_stage_lib
 from segldm_jax import palette as palette_lib
 from segldm_jax import run_config
