@@ -349,8 +349,8 @@ class FeatureExtractor:
     return np.asarray(self._apply_net(self.params, jnp.asarray(inputs)))
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> float32 (N, 2048). The last batch is padded to
-    the batch size so that one compiled program serves every batch."""
+    """uint8 (N, H, W, 3) -> float32 (N, 2048). Batches are padded to the
+    batch size so that one compiled program serves every batch of a size."""
     return np.concatenate(list(self.batches(images)), axis=0)
 
   def batches(self, images: np.ndarray | Iterable[np.ndarray]):
@@ -363,7 +363,7 @@ class FeatureExtractor:
     for start in range(0, len(images), b):
       chunk = images[start:start + b]
       n = len(chunk)
-      if n < b and len(images) > b:
+      if n < b:
         chunk = np.concatenate(
             [chunk, np.zeros((b - n, *chunk.shape[1:]), np.uint8)])
       yield np.asarray(self._apply(self.params, jnp.asarray(chunk)))[:n]
