@@ -81,3 +81,31 @@ def test_empty_fake_folder_is_one_line(folders, tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()[-1]  # after tqdm's
   assert err == (f"error: no image files (.jpg, .jpeg, .png, .webp, .bmp) "
                  f"found under {empty}")
+
+
+def test_masks_give_miou_beside_the_real_ceiling(tmp_path):
+  from segldm_jax.data.synthetic import SyntheticSource
+  from segldm_jax.eval import miou
+  source = SyntheticSource(4, 256, 5, seed=7)
+  for sub in ("real", "fake", "masks"):
+    (tmp_path / sub).mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    rec = source[i]
+    Image.fromarray(rec["image"]).save(tmp_path / "real" / f"m{i}.png")
+    noisy = np.clip(rec["image"] + rng.normal(0, 3, rec["image"].shape), 0,
+                    255).astype(np.uint8)
+    # sample.py's names: <mask>_<k>
+    Image.fromarray(noisy).save(tmp_path / "fake" / f"m{i}_0.png")
+    Image.fromarray(rec["labels"]).save(tmp_path / "masks" / f"m{i}.png")
+
+  def synthetic(images):
+    return miou.segment_synthetic(images, 5)
+
+  result = report.folder_report(
+      tmp_path / "real", tmp_path / "fake", tmp_path / "masks",
+      segmenter=synthetic, num_classes=5, batch_size=8)
+  assert result["miou_real"] == 1.0 and result["miou_real_images"] == 4
+  assert 0.9 < result["miou_fake"] <= 1.0 and result["miou_fake_images"] == 4
+  assert result["segmenter"] == {"name": "synthetic"}
+  assert "lpips_diversity" not in result  # one sample per mask

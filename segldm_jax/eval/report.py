@@ -160,9 +160,14 @@ def segment_all(segment: Callable[[np.ndarray], np.ndarray],
 
 
 def folder_report(real_dir, fake_dir, masks_dir=None, *, segmenter="ade20k",
-                  cache_dir=None, batch_size: int = 50,
-                  kid_subset_size: int = 1000) -> dict:
-  """Every figure for `evaluate.py --real A --fake B [--masks M]`."""
+                  num_classes: int | None = None, cache_dir=None,
+                  batch_size: int = 50, kid_subset_size: int = 1000) -> dict:
+  """Every figure for `evaluate.py --real A --fake B [--masks M]`.
+
+  `segmenter`: "ade20k" (the shipped ADE20K model; masks hold ADE20K ids),
+  or your own callable `uint8 (N, H, W, 3) -> labels (N, H, W)` in the masks'
+  id space, scored over `num_classes` classes (mask value IGNORE_ID skipped).
+  """
   real_keys, real = read_image_folder(real_dir)
   fake_keys, fake = read_image_folder(fake_dir)
   for name, images in (("--real", real), ("--fake", fake)):
@@ -182,18 +187,28 @@ def folder_report(real_dir, fake_dir, masks_dir=None, *, segmenter="ade20k",
     result["diversity_masks"] = len(groups)
   if masks_dir is not None:
     result.update(_mask_scores(masks_dir, real_keys, real, fake_keys, fake,
-                               segmenter))
+                               segmenter, num_classes))
   result["protocol"] = {**PROTOCOL,
                         "inception_sha256": extractor.weights_sha256}
   return result
 
 
-def _mask_scores(masks_dir, real_keys, real, fake_keys, fake, segmenter):
+def _mask_scores(masks_dir, real_keys, real, fake_keys, fake, segmenter,
+                 num_classes):
   from segldm_jax.eval import segmenter as seg_lib  # pylint: disable=g-import-not-at-top
-  if segmenter != "ade20k":
-    raise EvalInputError(f"--segmenter {segmenter!r}: folders are scored "
-                         "with 'ade20k' (other label sets: pass your own "
-                         "segmenter to segldm_jax.eval.report)")
+  if callable(segmenter):
+    if not num_classes:
+      raise EvalInputError("a custom segmenter needs num_classes")
+    seg = segmenter
+    score = lambda p, t: miou.mean_iou(p, t, num_classes)  # noqa: E731
+    about = {"name": getattr(segmenter, "__name__", "custom")}
+  elif segmenter == "ade20k":
+    seg, score = seg_lib.load(), ade20k_miou
+    about = {"name": "ADE20K DeepLabV3+MobileNetV2 (TFLite, JAX)",
+             "sha256": seg_lib.MODEL_SHA256}
+  else:
+    raise EvalInputError(f"segmenter {segmenter!r}: use 'ade20k' or pass an "
+                         "images -> labels callable")
   masks = read_mask_folder(masks_dir)
 
   def matched(keys, images):
@@ -208,7 +223,6 @@ def _mask_scores(masks_dir, real_keys, real, fake_keys, fake, segmenter):
     return pairs
 
   out = {}
-  seg = seg_lib.load()
   for name, keys, images in (("fake", fake_keys, fake),
                              ("real", real_keys, real)):
     pairs = matched(keys, images)
@@ -220,12 +234,10 @@ def _mask_scores(masks_dir, real_keys, real, fake_keys, fake, segmenter):
     preds = segment_all(seg, [p[0] for p in pairs], f"segment {name}")
     targets = [seg_lib.resize_labels(p[1][None], *pr.shape)[0]
                for p, pr in zip(pairs, preds)]
-    out[f"miou_{name}"] = ade20k_miou(np.concatenate([p.ravel() for p in preds]),
-                                      np.concatenate([t.ravel() for t in
-                                                      targets]))
+    out[f"miou_{name}"] = score(np.concatenate([p.ravel() for p in preds]),
+                                np.concatenate([t.ravel() for t in targets]))
     out[f"miou_{name}_images"] = len(pairs)
-  out["segmenter"] = {"name": "ADE20K DeepLabV3+MobileNetV2 (TFLite, JAX)",
-                      "sha256": seg_lib.MODEL_SHA256}
+  out["segmenter"] = about
   return out
 
 

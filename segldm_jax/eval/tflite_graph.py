@@ -221,34 +221,41 @@ def _batch_to_space(x, block, crops):
   return x[:, t:h * bh - b, l:w * bw - r]
 
 
-def _resize_matrix(in_size: int, out_size: int, align_corners: bool,
-                   half_pixel: bool) -> np.ndarray:
-  """(out, in) weights of TFLite's RESIZE_BILINEAR along one axis."""
+def _resize_taps(in_size: int, out_size: int, align_corners: bool,
+                 half_pixel: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """TFLite RESIZE_BILINEAR along one axis: for each output index the two
+  source indices and the weight of the second (a 2-tap gather, far cheaper
+  than a dense (out, in) matrix on 151-channel logits)."""
   if align_corners and out_size > 1:
     scale = (in_size - 1) / (out_size - 1)
   else:
     scale = in_size / out_size
   dst = np.arange(out_size, dtype=np.float64)
-  src = (dst + 0.5) * scale - 0.5 if half_pixel else dst * scale
-  src = np.maximum(src, 0.0) if half_pixel else src
+  src = np.maximum((dst + 0.5) * scale - 0.5, 0.0) if half_pixel else (
+      dst * scale)
   lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
   hi = np.minimum(lo + 1, in_size - 1)
-  frac = (src - lo).astype(np.float64)
-  m = np.zeros((out_size, in_size))
-  np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
-  np.add.at(m, (np.arange(out_size), hi), frac)
-  return m.astype(np.float32)
+  return lo, hi, (src - lo).astype(np.float32)
+
+
+def _lerp(x, axis: int, taps):
+  lo, hi, frac = taps
+  shape = [1] * x.ndim
+  shape[axis] = len(frac)
+  frac = jnp.asarray(frac).reshape(shape)
+  return (jnp.take(x, lo, axis=axis) * (1.0 - frac) +
+          jnp.take(x, hi, axis=axis) * frac)
 
 
 def _resize(x, size, o):
   oh, ow = (int(v) for v in size)
-  n, h, w, c = x.shape
+  _, h, w, _ = x.shape
   if (h, w) == (oh, ow):
     return x
-  rows = _resize_matrix(h, oh, o["AlignCorners"], o["HalfPixelCenters"])
-  cols = _resize_matrix(w, ow, o["AlignCorners"], o["HalfPixelCenters"])
-  x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=_HIGHEST)
-  return jnp.einsum("pw,nowc->nopc", cols, x, precision=_HIGHEST)
+  x = _lerp(x, 1, _resize_taps(h, oh, o["AlignCorners"],
+                               o["HalfPixelCenters"]))
+  return _lerp(x, 2, _resize_taps(w, ow, o["AlignCorners"],
+                                  o["HalfPixelCenters"]))
 
 
 def _avg_pool(x, o):
