@@ -17,6 +17,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-eval.txt
 demo: $(VENV)/.installed
 	$(PY) train.py --config configs/seg_f4.py:demo --workdir $(WORKDIR)
 	$(PY) sample.py --workdir $(WORKDIR)
+	$(PY) evaluate.py --workdir $(WORKDIR) --num_images 64
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -57,3 +57,24 @@ def test_folder_data_without_validation_split_names_the_keys(workdir):
     workdir_eval.validation_data_config(config)
   assert "--config.data.val_image_dir and --config.data.val_mask_dir" in str(
       info.value)
+
+
+def test_validation_folder_without_pairs_is_one_line(workdir, tmp_path,
+                                                     capsys):
+  config = json.loads((workdir / "config.json").read_text())
+  images, masks = tmp_path / "val_images", tmp_path / "val_masks"
+  images.mkdir()
+  masks.mkdir()
+  (images / "a.jpg").write_bytes(b"")  # an image without a mask
+  (masks / "b.png").write_bytes(b"")
+  config["data"].update(source="folder", image_dir="unused",
+                        mask_dir="unused", val_image_dir=str(images),
+                        val_mask_dir=str(masks))
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  (wd / "config.json").write_text(json.dumps(config))
+  assert evaluate.main(["--workdir", str(wd)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("error: unpaired files (pairs match by relative path "
+                        f"without extension): images without a mask in "
+                        f"{masks}: 1 ({images / 'a.jpg'})")

@@ -110,15 +110,16 @@ def evaluate_workdir(workdir: pathlib.Path, *, num_images=None, sampler=None,
   if "data" not in config:
     raise ConfigError(f"{workdir} has no dataset in its config (a converted "
                       "checkpoint?); evaluate folders with --real/--fake")
+  eval_cfg = config.get("eval", {})
+  sample_cfg = config.get("sample", {})
+  size = int(config.data.image_size)
+  n = int(num_images or eval_cfg.get("num_images", 64))
+  real, labels = _validation_pairs(config, n, size)  # bad data fails first
   ldm = build.build_model(config.model)
   params, step = checkpoints.restore_params(workdir, ldm, use_ema=True)
   found = first_stage_lib.load_existing(config, workdir)
   if found is None:
     raise CheckpointNotFoundError(f"{workdir} has no first stage")
-  eval_cfg = config.get("eval", {})
-  sample_cfg = config.get("sample", {})
-  size = int(config.data.image_size)
-  n = int(num_images or eval_cfg.get("num_images", 64))
   opts = {
       "sampler": sampler or sample_cfg.get("sampler", "ddim"),
       "steps": int(steps or sample_cfg.get("steps", 50)),
@@ -128,7 +129,6 @@ def evaluate_workdir(workdir: pathlib.Path, *, num_images=None, sampler=None,
       "mask_stages": int(math.log2(
           size // int(config.data.get("mask_size") or size))),
   }
-  real, labels = _validation_pairs(config, n, size)
   key = jax.random.key(seed)
   fake = _sample(ldm, params, found[1], labels, jax.random.fold_in(key, 0),
                  batch_size, opts, "sample")
