@@ -52,10 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--steps", type=int, default=None)
   ap.add_argument("--guidance_scale", type=float, default=None)
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--diversity_masks", type=int, default=4)
-  ap.add_argument("--diversity_samples", type=int, default=3)
-  ap.add_argument("--batch_size", type=int, default=16,
-                  help="images per Inception / sampling batch")
+  ap.add_argument("--diversity_masks", type=int, default=None,
+                  help="masks sampled K times for LPIPS diversity (default: "
+                  "eval.diversity_masks or 4)")
+  ap.add_argument("--diversity_samples", type=int, default=None,
+                  help="K (default: eval.diversity_samples or 3)")
+  ap.add_argument("--batch_size", type=int, default=None,
+                  help="images per Inception / sampling batch (default: "
+                  "eval.batch_size or 16)")
   ap.add_argument("--out", type=pathlib.Path, default=None,
                   help="eval.json path (default: beside the samples / none)")
   args = ap.parse_args(argv)
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
     else:
       result = report.folder_report(
           args.real, args.fake, args.masks, segmenter=args.segmenter,
-          cache_dir=args.cache_dir, batch_size=args.batch_size)
+          cache_dir=args.cache_dir, batch_size=args.batch_size or 16)
       if args.out is not None:
         report.write_json(result, args.out)
   except (errors.UserError, data_base.DataError) as e:

@@ -47,6 +47,10 @@ def test_workdir_eval_writes_every_figure(workdir, capsys):
   assert json.loads(capsys.readouterr().out.splitlines()[-1])["fid"] == (
       result["fid"])
   assert len(list((workdir / workdir_eval.CACHE_DIR).glob("*.npy"))) == 1
+  # What train.py logs every train.eval_every steps.
+  assert workdir_eval.scalars(result) == {
+      f"eval/{k}": result[k] for k in ("fid", "kid", "miou",
+                                        "lpips_diversity")}
 
 
 def test_folder_data_without_validation_split_names_the_keys(workdir):

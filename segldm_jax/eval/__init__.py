@@ -6,6 +6,9 @@
   segmenter.py   the ADE20K segmenter (TFLite file in assets/) run in JAX
   tflite_graph.py  replays a TFLite flatbuffer's graph with jax.lax
   weights.py     locating weights inside pip packages; safe array pickles
+  report.py      the figures of two image sets (evaluate.py --real/--fake)
+  workdir_eval.py  a run's validation split sampled and scored (--workdir,
+                 train.eval_every)
   miou.py        confusion matrix / IoU / mIoU; the synthetic-scene segmenter
   seams.py       how visible tile seams are
 """

@@ -100,78 +100,114 @@ def _segment_scores(kind: str, real, fake, labels, num_classes: int):
           "segmenter": kind}
 
 
-def evaluate_workdir(workdir: pathlib.Path, *, num_images=None, sampler=None,
-                     steps=None, guidance_scale=None, seed: int = 0,
-                     diversity_masks: int = 4, diversity_samples: int = 3,
-                     batch_size: int = 16, out=None) -> dict:
+class Evaluator:
+  """The validation masks and real features of a run, scored on demand.
+
+  Built once (reads the validation split, caches the real features); each
+  call samples the masks with the given weights and returns every figure.
+  `train.py` calls it every `train.eval_every` steps with the EMA weights;
+  `evaluate.py --workdir` once with the restored ones.
+  """
+
+  def __init__(self, config, workdir: pathlib.Path, *, num_images=None,
+               sampler=None, steps=None, guidance_scale=None, seed: int = 0,
+               diversity_masks=None, diversity_samples=None,
+               batch_size=None):
+    if "data" not in config:
+      raise ConfigError(f"{workdir} has no dataset in its config (a "
+                        "converted checkpoint?); evaluate folders with "
+                        "--real/--fake")
+    ev = config.get("eval", {})
+    sample_cfg = config.get("sample", {})
+    self.config, self.workdir, self.seed = config, workdir, seed
+    self.size = size = int(config.data.image_size)
+    n = int(num_images or ev.get("num_images", 64))
+    self.real, self.labels = _validation_pairs(config, n, size)
+    self.batch_size = int(batch_size or ev.get("batch_size", 16))
+    self.m = min(int(diversity_masks or ev.get("diversity_masks", 4)),
+                 len(self.labels))
+    self.k = int(diversity_samples or ev.get("diversity_samples", 3))
+    self.opts = {
+        "sampler": sampler or sample_cfg.get("sampler", "ddim"),
+        "steps": int(steps or sample_cfg.get("steps", 50)),
+        "eta": float(sample_cfg.get("eta", 0.0)),
+        "guidance_scale": float(guidance_scale if guidance_scale is not None
+                                else sample_cfg.get("guidance_scale", 1.0)),
+        "mask_stages": int(math.log2(
+            size // int(config.data.get("mask_size") or size))),
+    }
+    self.num_classes = int(config.data.num_classes)
+    self.segmenter = ev.get("segmenter") or (
+        "synthetic" if config.data.source == "synthetic" else "none")
+    self.extractor = inception.FeatureExtractor.load(self.batch_size)
+    self.real_features = report.inception_features(
+        list(self.real), self.extractor, workdir / CACHE_DIR,
+        "real features")
+
+  def __call__(self, ldm, params, fs_params, step: int,
+               picture: pathlib.Path | None = None) -> dict:
+    key = jax.random.key(self.seed)
+    fake = _sample(ldm, params, fs_params, self.labels,
+                   jax.random.fold_in(key, 0), self.batch_size, self.opts,
+                   "sample")
+    extra = _sample(ldm, params, fs_params,
+                    np.repeat(self.labels[:self.m], self.k, axis=0),
+                    jax.random.fold_in(key, 1), self.batch_size, self.opts,
+                    "diversity samples").reshape(self.m, self.k, self.size,
+                                                 self.size, 3)
+    fake_f = report.inception_features(list(fake), self.extractor, None,
+                                       "fake features")
+    result = {
+        "workdir": str(self.workdir), "step": step,
+        **report.fid_kid(self.real_features, fake_f,
+                         kid_subset_size=min(1000, len(fake))),
+        "lpips_diversity": (report.lpips_diversity(list(extra))
+                            if self.k >= 2 else None),
+        **_segment_scores(self.segmenter, self.real, fake, self.labels,
+                          self.num_classes),
+    }
+    if picture is not None:
+      colours = palette_lib.palette(self.num_classes)
+      # One row per mask: mask | real | sample | diversity samples.
+      rows = [np.stack([palette_lib.colorize(self.labels[i], colours),
+                        self.real[i], fake[i], *extra[i]])
+              for i in range(self.m)]
+      result["picture"] = str(viz.save_png(viz.grid(rows), picture))
+    result["protocol"] = {
+        **report.PROTOCOL, "num_images": len(self.real),
+        "resolution": self.size, "seed": self.seed, "ema": True, **self.opts,
+        "diversity_masks": self.m, "diversity_samples": self.k,
+        "validation": report.describe_data(
+            validation_data_config(self.config)),
+        "inception_sha256": self.extractor.weights_sha256,
+        "lpips_sha256": weights.sha256(lpips.weights_file("alex")),
+        "segmenter_sha256": (seg_lib.MODEL_SHA256
+                             if self.segmenter == "ade20k" else None),
+    }
+    return result
+
+
+def scalars(result: dict) -> dict[str, float]:
+  """The figures training logs: eval/fid, eval/kid, eval/miou,
+  eval/lpips_diversity (those present and finite)."""
+  return {f"eval/{k}": float(result[k])
+          for k in ("fid", "kid", "miou", "lpips_diversity")
+          if result.get(k) is not None and math.isfinite(result[k])}
+
+
+def evaluate_workdir(workdir: pathlib.Path, *, out=None, **kwargs) -> dict:
   """Samples validation masks with the EMA weights; writes eval.json and a
-  picture; returns every figure and the protocol."""
+  picture; returns every figure and the protocol. kwargs: `Evaluator`'s."""
   config = run_config.load(workdir)
-  if "data" not in config:
-    raise ConfigError(f"{workdir} has no dataset in its config (a converted "
-                      "checkpoint?); evaluate folders with --real/--fake")
-  eval_cfg = config.get("eval", {})
-  sample_cfg = config.get("sample", {})
-  size = int(config.data.image_size)
-  n = int(num_images or eval_cfg.get("num_images", 64))
-  real, labels = _validation_pairs(config, n, size)  # bad data fails first
+  evaluator = Evaluator(config, workdir, **kwargs)  # bad data fails first
   ldm = build.build_model(config.model)
   params, step = checkpoints.restore_params(workdir, ldm, use_ema=True)
   found = first_stage_lib.load_existing(config, workdir)
   if found is None:
     raise CheckpointNotFoundError(f"{workdir} has no first stage")
-  opts = {
-      "sampler": sampler or sample_cfg.get("sampler", "ddim"),
-      "steps": int(steps or sample_cfg.get("steps", 50)),
-      "eta": float(sample_cfg.get("eta", 0.0)),
-      "guidance_scale": float(guidance_scale if guidance_scale is not None
-                              else sample_cfg.get("guidance_scale", 1.0)),
-      "mask_stages": int(math.log2(
-          size // int(config.data.get("mask_size") or size))),
-  }
-  key = jax.random.key(seed)
-  fake = _sample(ldm, params, found[1], labels, jax.random.fold_in(key, 0),
-                 batch_size, opts, "sample")
-  m = min(diversity_masks, len(labels))
-  k = diversity_samples
-  extra = _sample(ldm, params, found[1], np.repeat(labels[:m], k, axis=0),
-                  jax.random.fold_in(key, 1), batch_size, opts,
-                  "diversity samples").reshape(m, k, size, size, 3)
-
-  extractor = inception.FeatureExtractor.load(batch_size)
-  real_f = report.inception_features(list(real), extractor,
-                                     workdir / CACHE_DIR, "real features")
-  fake_f = report.inception_features(list(fake), extractor, None,
-                                     "fake features")
-  num_classes = int(config.data.num_classes)
-  segmenter = eval_cfg.get("segmenter") or (
-      "synthetic" if config.data.source == "synthetic" else "none")
-  result = {
-      "workdir": str(workdir), "step": step,
-      **report.fid_kid(real_f, fake_f, kid_subset_size=min(1000, n)),
-      "lpips_diversity": (report.lpips_diversity(list(extra)) if k >= 2
-                          else None),
-      **_segment_scores(segmenter, real, fake, labels, num_classes),
-  }
-  out_dir = (pathlib.Path(out).parent if out else
-             workdir / f"eval_step{step}")
-  out_dir.mkdir(parents=True, exist_ok=True)
-  colours = palette_lib.palette(num_classes)
-  # One row per mask: mask | real | sample | diversity samples.
-  rows = [np.stack([palette_lib.colorize(labels[i], colours), real[i],
-                    fake[i], *extra[i]]) for i in range(m)]
-  picture = viz.save_png(viz.grid(rows), out_dir / "eval.png")
-  result["protocol"] = {
-      **report.PROTOCOL, "num_images": len(real), "resolution": size,
-      "seed": seed, "ema": True, **opts,
-      "diversity_masks": m, "diversity_samples": k,
-      "validation": report.describe_data(validation_data_config(config)),
-      "inception_sha256": extractor.weights_sha256,
-      "lpips_sha256": weights.sha256(lpips.weights_file("alex")),
-      "segmenter_sha256": (seg_lib.MODEL_SHA256 if segmenter == "ade20k"
-                           else None),
-  }
-  result["picture"] = str(picture)
-  report.write_json(result, pathlib.Path(out) if out else
-                    out_dir / "eval.json")
+  out = pathlib.Path(out) if out else workdir / f"eval_step{step}" / "eval.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  result = evaluator(ldm, params, found[1], step,
+                     picture=out.parent / "eval.png")
+  report.write_json(result, out)
   return result
