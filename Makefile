@@ -7,15 +7,17 @@ WORKDIR ?= workdirs/demo
 
 .PHONY: demo test clean-venv
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-eval.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-eval.txt
 	touch $@
 
 demo: $(VENV)/.installed
 	$(PY) train.py --config configs/seg_f4.py:demo --workdir $(WORKDIR)
 	$(PY) sample.py --workdir $(WORKDIR)
+	$(PY) evaluate.py --workdir $(WORKDIR) --num_images 64
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=10 tests

@@ -39,7 +39,7 @@ import numpy as np
 from segldm_jax import cli
 from segldm_jax import editing
 from segldm_jax import errors
-from segldm_jax import evaluate
+from segldm_jax.eval import miou
 from segldm_jax import sampling
 from segldm_jax import trained_model
 from segldm_jax import viz
@@ -170,9 +170,9 @@ def main(argv=None) -> int:
   summary.update(masks=len(labels), samples=int(images.shape[0] *
                                                  images.shape[1]), out=str(out))
   if source is not None and model.config.data.source == "synthetic":
-    pred = evaluate.segment_synthetic(images.reshape(-1, *images.shape[2:]),
+    pred = miou.segment_synthetic(images.reshape(-1, *images.shape[2:]),
                                       model.num_classes)
-    summary["mask_miou"] = evaluate.mean_iou(
+    summary["mask_miou"] = miou.mean_iou(
         pred, np.repeat(labels, args.num_samples, axis=0), model.num_classes)
   return _finish(summary, out)
 

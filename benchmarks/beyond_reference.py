@@ -29,7 +29,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from segldm_jax import checkpoints
 from segldm_jax import editing
-from segldm_jax import evaluate
+from segldm_jax.eval import miou as evaluate
+from segldm_jax.eval import seams
 from segldm_jax import first_stage as first_stage_lib
 from segldm_jax import palette as palette_lib
 from segldm_jax import run_config
@@ -182,8 +183,8 @@ def _large(ldm, params, fs, config, size, k, colours, opts, run, args):
   miou = {name: round(evaluate.mean_iou(evaluate.segment_synthetic(x, k), big,
                                         k), 4)
           for name, x in (("tiles", tiled), ("direct", direct))}
-  seam_tiles = evaluate.seam_ratio(tiled, seams, period)
-  seam_direct = evaluate.seam_ratio(direct, seams, period)
+  seam_tiles = seams.seam_ratio(tiled, seams, period)
+  seam_direct = seams.seam_ratio(direct, seams, period)
   print(json.dumps({
       "size": big_size, "tile": tile, "overlap": overlap, "seams": seams,
       "seam_ratio_tiles": round(seam_tiles, 3),

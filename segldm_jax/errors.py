@@ -41,3 +41,8 @@ class SaveFailedError(UserError, RuntimeError):
 
 class NonFiniteError(UserError, FloatingPointError):
   """Training produced a non-finite loss or gradient (with nonfinite=stop)."""
+
+
+class MissingWeightsError(UserError, FileNotFoundError):
+  """An evaluation network's weights package is not installed (names the
+  install command)."""

@@ -16,7 +16,7 @@ import pytest
 
 from segldm_jax import convert
 from segldm_jax import editing
-from segldm_jax import evaluate
+from segldm_jax.eval import seams
 from segldm_jax import sampling
 from segldm_jax.data.base import IGNORE_ID
 from segldm_jax.models import build
@@ -256,14 +256,14 @@ def test_tile_seams_are_not_visible():
   seams = sorted({s * f for s in starts if s} |
                  {(s + 8) * f for s in starts if s + 8 < 16})
   assert seams == [16, 32, 48]
-  baseline = evaluate.seam_ratio(direct, seams, 8)
-  excess = evaluate.seam_ratio(tiled, seams, 8) / baseline
+  baseline = seams.seam_ratio(direct, seams, 8)
+  excess = seams.seam_ratio(tiled, seams, 8) / baseline
   assert excess <= SEAM_MARGIN, excess
   # Not vacuous: the measure sees a hard seam (halves of two samples).
   pasted = direct.copy()
   pasted[:, :, 32:] = direct[::-1, :, 32:]
-  pasted_excess = (evaluate.seam_ratio(pasted, [32], 8) /
-                   evaluate.seam_ratio(direct, [32], 8))
+  pasted_excess = (seams.seam_ratio(pasted, [32], 8) /
+                   seams.seam_ratio(direct, [32], 8))
   assert pasted_excess > 1.3, pasted_excess
 
 

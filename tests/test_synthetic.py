@@ -7,7 +7,7 @@ import pytest
 from segldm_jax.data import IGNORE_ID
 from segldm_jax.data.synthetic import (SyntheticSource, class_colours,
                                        colour_spacing)
-from segldm_jax.evaluate import (confusion_matrix, iou_per_class, mean_iou,
+from segldm_jax.eval.miou import (confusion_matrix, iou_per_class, mean_iou,
                                  segment_synthetic)
 
 

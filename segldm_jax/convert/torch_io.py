@@ -37,8 +37,10 @@ __all__ = [
     "CheckpointError",
     "ForeignObject",
     "NumpyDtype",
+    "flatten_module",
     "load_checkpoint",
     "load_state_dict",
+    "load_torchscript",
 ]
 
 # Storage class names torch writes (module `torch`, or `torch.cuda` for tensors
@@ -686,7 +688,8 @@ def _find_prefix(zf: zipfile.ZipFile) -> str:
       f"(entries: {shown or 'none'}{', ...' if len(names) > 5 else ''})")
 
 
-def _load(path: str | os.PathLike[str]) -> Any:
+def _load(path: str | os.PathLike[str],
+          unpickler_cls: type | None = None) -> Any:
   try:
     file = open(path, "rb")
   except FileNotFoundError:
@@ -733,7 +736,7 @@ def _load(path: str | os.PathLike[str]) -> Any:
         file.seek(0)
         mm = file.read()
       archive = _Archive(zf, mm, prefix, byteorder == b"big")
-      unpickler = _RestrictedUnpickler(data, archive)
+      unpickler = (unpickler_cls or _RestrictedUnpickler)(data, archive)
       try:
         return unpickler.load()
       except _Problem:
@@ -815,3 +818,101 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   raise CheckpointError(
       f"{label}: holds a {type(obj).__name__}, not a state_dict; use "
       "load_checkpoint() to inspect it")
+
+
+# ----------------------------------------------------------------------------
+# TorchScript archives (torch.jit.save): the weights of the module tree.
+# ----------------------------------------------------------------------------
+
+
+def _jit_build_list(kind: str) -> Callable[..., list]:
+  """`torch.jit._pickle.build_<kind>list`: the list itself (a copy)."""
+
+  def build(values: Any) -> list:
+    if not isinstance(values, list):
+      raise _Problem(f"torch.jit._pickle.build_{kind}list of "
+                     f"{_short_repr(values)}")
+    return list(values)
+
+  return build
+
+
+def _jit_restore_type_tag(value: Any, type_str: Any) -> Any:
+  """`torch.jit._pickle.restore_type_tag`: the type tag only types a
+  container for the TorchScript interpreter; the value is what we keep."""
+  del type_str
+  return value
+
+
+_JIT_FUNCTIONS: dict[str, Any] = {
+    "torch.jit._pickle.build_intlist": _jit_build_list("int"),
+    "torch.jit._pickle.build_doublelist": _jit_build_list("double"),
+    "torch.jit._pickle.build_boollist": _jit_build_list("bool"),
+    "torch.jit._pickle.build_genericlist": _jit_build_list("generic"),
+    "torch.jit._pickle.restore_type_tag": _jit_restore_type_tag,
+}
+
+
+class _TorchScriptUnpickler(_RestrictedUnpickler):
+  """Also accepts the globals of a TorchScript `data.pkl`: `__torch__.*`
+  module classes become inert placeholders (their code under `code/` is
+  never read), `torch.jit._pickle.build_*` rebuild plain lists."""
+
+  def find_class(self, module: str, name: str) -> Any:
+    qualified = f"{module}.{name}"
+    if qualified in _JIT_FUNCTIONS:
+      return _JIT_FUNCTIONS[qualified]
+    if module == "__torch__" or module.startswith("__torch__."):
+      return self._placeholder(module, name)
+    return super().find_class(module, name)
+
+
+def load_torchscript(path: str | os.PathLike[str]) -> ForeignObject:
+  """Loads the module tree of a `torch.jit.save` archive, without its code.
+
+  Args:
+    path: a TorchScript zip (e.g. `out_jit_module/data.pkl` plus `code/`).
+
+  Returns:
+    The top module as a `ForeignObject`: its `state` is the module's attribute
+    dict (submodules as `ForeignObject`s, tensors as read-only numpy arrays,
+    ints, lists). `flatten_module` turns it into {dotted name: value}.
+
+  Raises:
+    CheckpointError: as `load_checkpoint` (refusal by name of any global that
+      is not a tensor, a plain container, a list builder or a module class).
+  """
+  label = _one_line(os.fspath(path), 300)
+  try:
+    obj = _load(path, _TorchScriptUnpickler)
+  except _Problem as problem:
+    raise CheckpointError(f"{label}: {problem}") from problem.__cause__
+  except Exception as err:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f"{label}: unreadable TorchScript archive ({_describe(err)})") from err
+  if not (isinstance(obj, ForeignObject) and
+          obj.foreign_module.startswith("__torch__")):
+    raise CheckpointError(
+        f"{label}: holds a {type(obj).__name__}, not a TorchScript module")
+  return obj
+
+
+def flatten_module(module: ForeignObject, prefix: str = "") -> dict[str, Any]:
+  """A TorchScript module tree as {'net.layers.conv.weight': value, ...}.
+
+  Leaves are the attributes that are not submodules (tensors, ints, lists,
+  bools); the `training` / `_is_full_backward_hook` bookkeeping is dropped.
+  """
+  if not isinstance(module.state, dict):
+    raise CheckpointError(f"module {prefix or '<root>'} "
+                          f"({module.qualified_name()}) has no attribute dict")
+  out: dict[str, Any] = {}
+  for key, value in module.state.items():
+    if key in ("training", "_is_full_backward_hook"):
+      continue
+    name = f"{prefix}{key}"
+    if isinstance(value, ForeignObject):
+      out.update(flatten_module(value, name + "."))
+    else:
+      out[name] = value
+  return out

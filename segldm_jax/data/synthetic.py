@@ -5,7 +5,7 @@ several ellipses, rotated rectangles and star-shaped polygons, each region
 filled with its class colour (``class_colours``) and a mild luminance texture
 (stripes, a lighting gradient and a little noise). Record ``i`` depends only
 on ``(seed, i)``; nothing is downloaded. Colours sit on a regular RGB grid so
-``segldm_jax.evaluate.segment_synthetic`` can recover the classes.
+``segldm_jax.eval.miou.segment_synthetic`` can recover the classes.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Mask adherence: recover the classes of synthetic-scene images and mIoU.
+"""Mask adherence: per-class IoU / mIoU, and the nearest-colour segmenter
+that recovers the classes of synthetic-scene images.
 
 ``segment_synthetic`` is a fixed, training-free segmenter for images in the
 style of ``segldm_jax.data.synthetic``: every class has a known colour, so a
@@ -160,20 +161,3 @@ def mean_iou(pred: np.ndarray, target: np.ndarray, num_classes: int,
   ious = iou_per_class(pred, target, num_classes, ignore_id)
   present = ~np.isnan(ious)
   return float(ious[present].mean()) if present.any() else float("nan")
-
-
-def seam_ratio(images: np.ndarray, seams, period: int) -> float:
-  """How visible lines are: gradient energy across them vs other lines.
-
-  Mean squared neighbour difference across the lines at pixel offsets
-  `seams` (between pixel s-1 and s, rows and columns alike) divided by the
-  same across the other lines of the same phase modulo `period` (e.g. the
-  networks' total stride, whose own pattern would otherwise count). 1 means
-  the lines do not stand out. images: (B, H, W, C), square.
-  """
-  x = np.asarray(images, np.float32)
-  g = (((x[:, :, 1:] - x[:, :, :-1])**2).mean((0, 1, 3)) +
-       ((x[:, 1:] - x[:, :-1])**2).mean((0, 2, 3))) / 2
-  others = [e for e in range(period, x.shape[1], period) if e not in seams]
-  return float(np.mean(g[np.asarray(seams) - 1]) /
-               np.mean(g[np.asarray(others) - 1]))

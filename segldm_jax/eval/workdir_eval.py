@@ -1,0 +1,213 @@
+"""`evaluate.py --workdir`: sample a run's validation masks and score them.
+
+The validation split is never read by training:
+  folder     data.val_image_dir + data.val_mask_dir (same label settings)
+  tfds       data.val_tfds_split (default "validation")
+  synthetic  held-out scenes: scene family data.val_seed (default
+             data.seed + 1000003), which training never renders
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+from segldm_jax import checkpoints
+from segldm_jax import first_stage as first_stage_lib
+from segldm_jax import palette as palette_lib
+from segldm_jax import run_config
+from segldm_jax import sampling
+from segldm_jax import viz
+from segldm_jax.data import pipeline
+from segldm_jax.errors import CheckpointNotFoundError
+from segldm_jax.errors import ConfigError
+from segldm_jax.eval import inception
+from segldm_jax.eval import lpips
+from segldm_jax.eval import miou
+from segldm_jax.eval import report
+from segldm_jax.eval import segmenter as seg_lib
+from segldm_jax.eval import weights
+from segldm_jax.models import build
+
+_HELD_OUT_SEED = 1_000_003
+CACHE_DIR = "eval_cache"
+
+
+def validation_data_config(config) -> Any:
+  """The run's data config pointed at its validation split."""
+  data = config.data.copy_and_resolve_references()
+  kind = data.get("source")
+  with data.unlocked():
+    if kind == "folder":
+      image_dir, mask_dir = data.get("val_image_dir"), data.get("val_mask_dir")
+      if not image_dir or not mask_dir:
+        raise ConfigError(
+            "folder data needs a validation split to evaluate: set "
+            "--config.data.val_image_dir and --config.data.val_mask_dir "
+            "(pairs the training never reads)")
+      data.image_dir, data.mask_dir = image_dir, mask_dir
+    elif kind == "tfds":
+      data.tfds_split = data.get("val_tfds_split") or "validation"
+    elif kind == "synthetic":
+      data.seed = int(data.get("val_seed") or
+                      (data.get("seed") or 0) + _HELD_OUT_SEED)
+    else:
+      raise ConfigError(f"data.source {kind!r} has no validation split")
+  return data
+
+
+def _validation_pairs(config, n: int, size: int):
+  data = validation_data_config(config)
+  if data.get("source") == "synthetic":
+    with data.unlocked():
+      data.num_records = max(n, 1)
+      data.image_size = size
+  source = pipeline.make_source(data)
+  n = min(n, len(source))
+  ds = pipeline.make_dataset(source, image_size=size, batch_size=n,
+                             seed=int(config.get("seed", 0)), train=False,
+                             shard_index=0, shard_count=1,
+                             drop_remainder=False)
+  batch = next(iter(ds))
+  return np.asarray(batch["image"]), np.asarray(batch["labels"])
+
+
+def _sample(ldm, params, fs_params, labels, key, batch_size, opts, desc):
+  out = []
+  for b, start in enumerate(tqdm.trange(0, len(labels), batch_size,
+                                        desc=desc)):
+    out.append(np.asarray(sampling.generate(
+        ldm, params, fs_params, labels[start:start + batch_size],
+        jax.random.fold_in(key, b), **opts)))
+  return np.concatenate(out)
+
+
+def _segment_scores(kind: str, real, fake, labels, num_classes: int):
+  if kind == "synthetic":
+    segment = lambda x: miou.segment_synthetic(x, num_classes)  # noqa: E731
+    score = lambda p: miou.mean_iou(p, labels, num_classes)  # noqa: E731
+  elif kind == "ade20k":
+    segment = seg_lib.load()
+    score = lambda p: report.ade20k_miou(p, labels)  # noqa: E731
+  else:
+    return {}
+  return {"miou": score(segment(fake)), "miou_real": score(segment(real)),
+          "segmenter": kind}
+
+
+class Evaluator:
+  """The validation masks and real features of a run, scored on demand.
+
+  Built once (reads the validation split, caches the real features); each
+  call samples the masks with the given weights and returns every figure.
+  `train.py` calls it every `train.eval_every` steps with the EMA weights;
+  `evaluate.py --workdir` once with the restored ones.
+  """
+
+  def __init__(self, config, workdir: pathlib.Path, *, num_images=None,
+               sampler=None, steps=None, guidance_scale=None, seed: int = 0,
+               diversity_masks=None, diversity_samples=None,
+               batch_size=None):
+    if "data" not in config:
+      raise ConfigError(f"{workdir} has no dataset in its config (a "
+                        "converted checkpoint?); evaluate folders with "
+                        "--real/--fake")
+    ev = config.get("eval", {})
+    sample_cfg = config.get("sample", {})
+    self.config, self.workdir, self.seed = config, workdir, seed
+    self.size = size = int(config.data.image_size)
+    n = int(num_images or ev.get("num_images", 64))
+    self.real, self.labels = _validation_pairs(config, n, size)
+    self.batch_size = int(batch_size or ev.get("batch_size", 16))
+    self.m = min(int(diversity_masks or ev.get("diversity_masks", 4)),
+                 len(self.labels))
+    self.k = int(diversity_samples or ev.get("diversity_samples", 3))
+    self.opts = {
+        "sampler": sampler or sample_cfg.get("sampler", "ddim"),
+        "steps": int(steps or sample_cfg.get("steps", 50)),
+        "eta": float(sample_cfg.get("eta", 0.0)),
+        "guidance_scale": float(guidance_scale if guidance_scale is not None
+                                else sample_cfg.get("guidance_scale", 1.0)),
+        "mask_stages": int(math.log2(
+            size // int(config.data.get("mask_size") or size))),
+    }
+    self.num_classes = int(config.data.num_classes)
+    self.segmenter = ev.get("segmenter") or (
+        "synthetic" if config.data.source == "synthetic" else "none")
+    self.extractor = inception.FeatureExtractor.load(self.batch_size)
+    self.real_features = report.inception_features(
+        list(self.real), self.extractor, workdir / CACHE_DIR,
+        "real features")
+
+  def __call__(self, ldm, params, fs_params, step: int,
+               picture: pathlib.Path | None = None) -> dict:
+    key = jax.random.key(self.seed)
+    fake = _sample(ldm, params, fs_params, self.labels,
+                   jax.random.fold_in(key, 0), self.batch_size, self.opts,
+                   "sample")
+    extra = _sample(ldm, params, fs_params,
+                    np.repeat(self.labels[:self.m], self.k, axis=0),
+                    jax.random.fold_in(key, 1), self.batch_size, self.opts,
+                    "diversity samples").reshape(self.m, self.k, self.size,
+                                                 self.size, 3)
+    fake_f = report.inception_features(list(fake), self.extractor, None,
+                                       "fake features")
+    result = {
+        "workdir": str(self.workdir), "step": step,
+        **report.fid_kid(self.real_features, fake_f,
+                         kid_subset_size=min(1000, len(fake))),
+        "lpips_diversity": (report.lpips_diversity(list(extra))
+                            if self.k >= 2 else None),
+        **_segment_scores(self.segmenter, self.real, fake, self.labels,
+                          self.num_classes),
+    }
+    if picture is not None:
+      colours = palette_lib.palette(self.num_classes)
+      # One row per mask: mask | real | sample | diversity samples.
+      rows = [np.stack([palette_lib.colorize(self.labels[i], colours),
+                        self.real[i], fake[i], *extra[i]])
+              for i in range(self.m)]
+      result["picture"] = str(viz.save_png(viz.grid(rows), picture))
+    result["protocol"] = {
+        **report.PROTOCOL, "num_images": len(self.real),
+        "resolution": self.size, "seed": self.seed, "ema": True, **self.opts,
+        "diversity_masks": self.m, "diversity_samples": self.k,
+        "validation": report.describe_data(
+            validation_data_config(self.config)),
+        "inception_sha256": self.extractor.weights_sha256,
+        "lpips_sha256": weights.sha256(lpips.weights_file("alex")),
+        "segmenter_sha256": (seg_lib.MODEL_SHA256
+                             if self.segmenter == "ade20k" else None),
+    }
+    return result
+
+
+def scalars(result: dict) -> dict[str, float]:
+  """The figures training logs: eval/fid, eval/kid, eval/miou,
+  eval/lpips_diversity (those present and finite)."""
+  return {f"eval/{k}": float(result[k])
+          for k in ("fid", "kid", "miou", "lpips_diversity")
+          if result.get(k) is not None and math.isfinite(result[k])}
+
+
+def evaluate_workdir(workdir: pathlib.Path, *, out=None, **kwargs) -> dict:
+  """Samples validation masks with the EMA weights; writes eval.json and a
+  picture; returns every figure and the protocol. kwargs: `Evaluator`'s."""
+  config = run_config.load(workdir)
+  evaluator = Evaluator(config, workdir, **kwargs)  # bad data fails first
+  ldm = build.build_model(config.model)
+  params, step = checkpoints.restore_params(workdir, ldm, use_ema=True)
+  found = first_stage_lib.load_existing(config, workdir)
+  if found is None:
+    raise CheckpointNotFoundError(f"{workdir} has no first stage")
+  out = pathlib.Path(out) if out else workdir / f"eval_step{step}" / "eval.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  result = evaluator(ldm, params, found[1], step,
+                     picture=out.parent / "eval.png")
+  report.write_json(result, out)
+  return result
