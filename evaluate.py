@@ -28,10 +28,8 @@ import json
 import pathlib
 import sys
 
-from segldm_jax import errors
-from segldm_jax import formatting
+from segldm_jax import cli
 from segldm_jax import xla_cpu
-from segldm_jax.data import base as data_base
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,31 +66,29 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+@cli.main_exits
 def main(argv=None) -> int:
   args = parse_args(argv)
   xla_cpu.use_xnnpack_convolutions()  # before any device is touched
   # pylint: disable=g-import-not-at-top  (after the XLA flags)
   from segldm_jax.eval import report
-  try:
-    if args.workdir is not None:
-      from segldm_jax.eval import workdir_eval
-      result = workdir_eval.evaluate_workdir(
-          args.workdir.absolute(), num_images=args.num_images,
-          sampler=args.sampler, steps=args.steps,
-          guidance_scale=args.guidance_scale, seed=args.seed,
-          diversity_masks=args.diversity_masks,
-          diversity_samples=args.diversity_samples,
-          batch_size=args.batch_size, out=args.out)
-    else:
-      result = report.folder_report(
-          args.real, args.fake, args.masks, segmenter=args.segmenter,
-          cache_dir=args.cache_dir, batch_size=args.batch_size or 16)
-      if args.out is not None:
-        report.write_json(result, args.out)
-  except (errors.UserError, data_base.DataError) as e:
-    print(f"error: {formatting.one_line(e)}", file=sys.stderr)
-    return 1
-  print(json.dumps(report._json_safe(result)))  # pylint: disable=protected-access
+  if args.workdir is not None:
+    from segldm_jax.eval import workdir_eval
+    result = workdir_eval.evaluate_workdir(
+        args.workdir.absolute(), num_images=args.num_images,
+        sampler=args.sampler, steps=args.steps,
+        guidance_scale=args.guidance_scale, seed=args.seed,
+        diversity_masks=args.diversity_masks,
+        diversity_samples=args.diversity_samples,
+        batch_size=args.batch_size, out=args.out,
+        conv=xla_cpu.preferred_conv())
+  else:
+    result = report.folder_report(
+        args.real, args.fake, args.masks, segmenter=args.segmenter,
+        cache_dir=args.cache_dir, batch_size=args.batch_size or 16)
+    if args.out is not None:
+      report.write_json(result, args.out)
+  print(json.dumps(report.json_safe(result)))
   return 0
 
 

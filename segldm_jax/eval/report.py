@@ -235,12 +235,12 @@ def _mask_scores(masks_dir, real_keys, real, fake_keys, fake, segmenter,
   return out
 
 
-def _json_safe(tree):
+def json_safe(tree):
   """NaN/inf -> None (strict JSON), numpy scalars -> Python."""
   if isinstance(tree, dict):
-    return {k: _json_safe(v) for k, v in tree.items()}
+    return {k: json_safe(v) for k, v in tree.items()}
   if isinstance(tree, (list, tuple)):
-    return [_json_safe(v) for v in tree]
+    return [json_safe(v) for v in tree]
   if isinstance(tree, np.generic):
     tree = tree.item()
   if isinstance(tree, float) and not math.isfinite(tree):
@@ -249,5 +249,5 @@ def _json_safe(tree):
 
 
 def write_json(result: dict, path: str | pathlib.Path) -> None:
-  pathlib.Path(path).write_text(json.dumps(_json_safe(result), indent=2) +
+  pathlib.Path(path).write_text(json.dumps(json_safe(result), indent=2) +
                                 "\n")

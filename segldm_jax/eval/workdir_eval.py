@@ -9,22 +9,20 @@ The validation split is never read by training:
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 from typing import Any
 
 import jax
 import numpy as np
-import tqdm
 
-from segldm_jax import checkpoints
-from segldm_jax import first_stage as first_stage_lib
 from segldm_jax import palette as palette_lib
 from segldm_jax import run_config
 from segldm_jax import sampling
+from segldm_jax import trained_model
 from segldm_jax import viz
 from segldm_jax.data import pipeline
-from segldm_jax.errors import CheckpointNotFoundError
 from segldm_jax.errors import ConfigError
 from segldm_jax.eval import inception
 from segldm_jax.eval import lpips
@@ -32,7 +30,6 @@ from segldm_jax.eval import miou
 from segldm_jax.eval import report
 from segldm_jax.eval import segmenter as seg_lib
 from segldm_jax.eval import weights
-from segldm_jax.models import build
 
 _HELD_OUT_SEED = 1_000_003
 CACHE_DIR = "eval_cache"
@@ -77,14 +74,12 @@ def _validation_pairs(config, n: int, size: int):
   return np.asarray(batch["image"]), np.asarray(batch["labels"])
 
 
-def _sample(ldm, params, fs_params, labels, key, batch_size, opts, desc):
-  out = []
-  for b, start in enumerate(tqdm.trange(0, len(labels), batch_size,
-                                        desc=desc)):
-    out.append(np.asarray(sampling.generate(
-        ldm, params, fs_params, labels[start:start + batch_size],
-        jax.random.fold_in(key, b), **opts)))
-  return np.concatenate(out)
+def _sample(ldm, params, fs_params, labels, key, batch_size, opts, desc,
+            per_mask: int = 1) -> np.ndarray:
+  """-> uint8 (N, per_mask, H, W, 3) samples of the label maps."""
+  return sampling.sample_in_batches(
+      functools.partial(sampling.generate, **opts), ldm, params, fs_params,
+      labels, per_mask, batch_size, key, desc=desc)
 
 
 def _segment_scores(kind: str, real, fake, labels, num_classes: int):
@@ -149,12 +144,10 @@ class Evaluator:
     key = jax.random.key(self.seed)
     fake = _sample(ldm, params, fs_params, self.labels,
                    jax.random.fold_in(key, 0), self.batch_size, self.opts,
-                   "sample")
-    extra = _sample(ldm, params, fs_params,
-                    np.repeat(self.labels[:self.m], self.k, axis=0),
+                   "sample")[:, 0]
+    extra = _sample(ldm, params, fs_params, self.labels[:self.m],
                     jax.random.fold_in(key, 1), self.batch_size, self.opts,
-                    "diversity samples").reshape(self.m, self.k, self.size,
-                                                 self.size, 3)
+                    "diversity samples", per_mask=self.k)
     fake_f = report.inception_features(list(fake), self.extractor, None,
                                        "fake features")
     result = {
@@ -195,19 +188,18 @@ def scalars(result: dict) -> dict[str, float]:
           if result.get(k) is not None and math.isfinite(result[k])}
 
 
-def evaluate_workdir(workdir: pathlib.Path, *, out=None, **kwargs) -> dict:
+def evaluate_workdir(workdir: pathlib.Path, *, out=None, conv: str = "xla",
+                     **kwargs) -> dict:
   """Samples validation masks with the EMA weights; writes eval.json and a
-  picture; returns every figure and the protocol. kwargs: `Evaluator`'s."""
+  picture; returns every figure and the protocol. kwargs: `Evaluator`'s;
+  `conv`: how 3x3 convolutions run (layers.CONV_IMPLS)."""
   config = run_config.load(workdir)
   evaluator = Evaluator(config, workdir, **kwargs)  # bad data fails first
-  ldm = build.build_model(config.model)
-  params, step = checkpoints.restore_params(workdir, ldm, use_ema=True)
-  found = first_stage_lib.load_existing(config, workdir)
-  if found is None:
-    raise CheckpointNotFoundError(f"{workdir} has no first stage")
-  out = pathlib.Path(out) if out else workdir / f"eval_step{step}" / "eval.json"
+  model = trained_model.load(workdir, use_ema=True, conv=conv)
+  out = (pathlib.Path(out) if out
+         else workdir / f"eval_step{model.step}" / "eval.json")
   out.parent.mkdir(parents=True, exist_ok=True)
-  result = evaluator(ldm, params, found[1], step,
-                     picture=out.parent / "eval.png")
+  result = evaluator(model.ldm, model.params, model.first_stage_params,
+                     model.step, picture=out.parent / "eval.png")
   report.write_json(result, out)
   return result
