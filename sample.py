@@ -38,6 +38,7 @@ import numpy as np
 
 from segldm_jax import cli
 from segldm_jax import editing
+from segldm_jax import palette as palette_lib
 from segldm_jax import errors
 from segldm_jax.eval import miou
 from segldm_jax import sampling
@@ -50,9 +51,25 @@ from segldm_jax.diffusion import samplers
 
 def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--workdir", required=True, type=pathlib.Path)
+  ap.add_argument("--workdir", type=pathlib.Path)
   ap.add_argument("--masks", type=pathlib.Path,
                   help="PNG label map or folder of them (default: the dataset)")
+  ap.add_argument("--palette", default=None,
+                  help="masks painted in colours: coco-stuff, ade20k, "
+                  "cityscapes or a palette file (default: the run's "
+                  "data.palette; grey PNGs hold class ids)")
+  ap.add_argument("--palette_tolerance", type=float, default=30.0,
+                  help="RGB distance a painted colour may snap over")
+  ap.add_argument("--unknown_colours", choices=("error", "ignore"),
+                  default="error", help="pixels no palette colour is near: "
+                  "an error, or \"don't care\"")
+  ap.add_argument("--legend", default=None, metavar="PALETTE",
+                  help="write a swatch sheet of PALETTE to paint with "
+                  "(to --out, default legend.png) and exit")
+  ap.add_argument("--height", type=int, default=None,
+                  help="resize --masks to this height (keeps the aspect "
+                  "ratio without --width)")
+  ap.add_argument("--width", type=int, default=None)
   ap.add_argument("--num_masks", type=int, default=None,
                   help="masks taken from the dataset (default: config)")
   ap.add_argument("--num_samples", type=int, default=1, help="per mask")
@@ -68,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="classifier-free guidance on the mask (1 = off; "
                   "default: the config's sample.guidance_scale)")
   ap.add_argument("--size", type=int, default=None,
-                  help="output side in pixels (default: the training size)")
+                  help="shorter output side in pixels (default: the "
+                  "training size for dataset masks, the file's for --masks)")
   ap.add_argument("--large", choices=("direct", "tiles"), default="direct",
                   help="how a --size above the training size is sampled: "
                   "the whole map at once (memory grows with the area) or "
@@ -83,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="pixels the changed area grows by and fades over "
                   "(default: 2 x the first stage's factor)")
   args = ap.parse_args(argv)
+  if args.workdir is None and args.legend is None:
+    ap.error("--workdir is required (or --legend PALETTE)")
   if (args.edit_image is None) != (args.edit_labels is None) or (
       args.edit_image is not None and args.masks is None):
     ap.error("an edit needs --edit_image PHOTO, --masks ITS_LABELS.png and "
@@ -90,56 +110,59 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def _tag(opts: dict, size: int, train_size: int, large: str) -> str:
+def _tag(opts: dict, shape: tuple[int, int], train_size: int,
+         large: str) -> str:
   """Names the output folder after how the samples were made."""
   tag = f"{opts['sampler']}{opts['steps']}"
   if opts["guidance_scale"] != 1.0:
     tag += f"_cfg{opts['guidance_scale']:g}"
-  if size != train_size:
-    tag += f"_{size}px_{large}"
+  if shape != (train_size, train_size):
+    tag += (f"_{shape[0]}px" if shape[0] == shape[1]
+            else f"_{shape[0]}x{shape[1]}px") + f"_{large}"
   return tag
+
+
+def _read_masks(path: pathlib.Path, args, model
+                ) -> tuple[list[str], np.ndarray]:
+  """Label maps as ids at the size the flags ask for."""
+  spec = (None if args.palette is None else masks_lib.painted_spec(
+      model.num_classes, args.palette, args.palette_tolerance,
+      args.unknown_colours))
+  names, labels = masks_lib.read_masks(path, model.config.data, spec)
+  return names, masks_lib.size_masks(
+      names, labels, model.geometry.step_px, size=args.size,
+      height=args.height, width=args.width)
+
+
+def _legend(name: str, out: pathlib.Path | None) -> int:
+  try:
+    colours, names = palette_lib.named(name)
+  except ValueError as e:
+    raise errors.InputError(f"--legend: {e}") from None
+  path = viz.save_png(viz.legend(colours, names), out or "legend.png")
+  print(json.dumps({"legend": name, "classes": len(names), "out": str(path)}))
+  return 0
 
 
 @cli.main_exits
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.legend is not None:
+    return _legend(args.legend, args.out)
   xla_cpu.use_xnnpack_convolutions()  # before any device is touched
   model = trained_model.load(args.workdir, use_ema=args.ema,
                             conv=xla_cpu.preferred_conv())
   g = model.geometry
-  size = args.size or g.image
-  if size % g.step_px:
-    raise errors.InputError(
-        f"--size {size} is not a multiple of {g.step_px} (the first stage's "
-        "factor x the UNet's and the mask's halvings); use "
-        f"{size // g.step_px * g.step_px or g.step_px}")
   opts = model.sample_options(sampler=args.sampler, steps=args.steps,
                               eta=args.eta, guidance_scale=args.guidance_scale)
-  large = "tiles" if size > g.image and args.large == "tiles" else "direct"
-  tag = _tag(opts, size, g.image, large)
   summary = {"workdir": str(model.workdir), "step": model.step,
              "seed": args.seed, "ema": args.ema, **opts}
-  key = jax.random.key(args.seed)
-
-  if args.edit_image is not None:  # one photo: regenerate a region
-    (_, old), (_, new) = (masks_lib.read_masks(p, model.config.data, size)
-                          for p in (args.masks, args.edit_labels))
-    if len(old) != 1 or len(new) != 1:
-      raise errors.InputError(
-          "an edit takes one --masks file and one --edit_labels file")
-    summary.update(edit_image=str(args.edit_image), **editing.run_edit(
-        model, masks_lib.read_photo(args.edit_image, size), old[0], new[0],
-        margin=args.edit_margin or 2 * model.ldm.downsample_factor,
-        num_samples=args.num_samples, options=opts, key=key,
-        out=args.out or model.workdir / f"edits_step{model.step}_{tag}",
-        stem=args.edit_image.stem, names=(str(args.masks),
-                                          str(args.edit_labels))))
-    return _finish(summary, pathlib.Path(summary["out"]))
-
+  key, source = jax.random.key(args.seed), None
   if args.masks is not None:
-    names, labels = masks_lib.read_masks(args.masks, model.config.data, size)
-    source = None
+    names, labels = _read_masks(args.masks, args, model)
   elif model.has_dataset:
+    size = masks_lib.target_size((g.image, g.image), g.step_px,
+                                 size=args.size)[0]
     names, labels, source = masks_lib.dataset_masks(
         model.config.data, size, args.num_masks or int(
             model.config.get("sample", {}).get("num_masks", 8)),
@@ -147,16 +170,35 @@ def main(argv=None) -> int:
   else:
     raise errors.InputError(f"{model.workdir} has no dataset in its config "
                             "(a converted checkpoint?); pass --masks PATH")
+  shape = labels.shape[1:]
+  large = "tiles" if max(shape) > g.image and args.large == "tiles" else "direct"
+  tag = _tag(opts, shape, g.image, large)
+
+  if args.edit_image is not None:  # one photo: regenerate a region
+    _, new = _read_masks(args.edit_labels, args, model)
+    if len(labels) != 1 or len(new) != 1 or new.shape != labels.shape:
+      raise errors.InputError("an edit takes one --masks file and one "
+                              "--edit_labels file of the same size")
+    summary.update(edit_image=str(args.edit_image), **editing.run_edit(
+        model, masks_lib.read_photo(args.edit_image, shape), labels[0],
+        new[0], margin=args.edit_margin or 2 * model.ldm.downsample_factor,
+        num_samples=args.num_samples, options=opts, key=key,
+        out=args.out or model.workdir / f"edits_step{model.step}_{tag}",
+        stem=args.edit_image.stem, names=(str(args.masks),
+                                          str(args.edit_labels))))
+    return _finish(summary, pathlib.Path(summary["out"]))
+
   if large == "tiles":
     tile = g.image // g.factor  # the training latent
     overlap = tile // 4 if args.tile_overlap is None else args.tile_overlap
     run = functools.partial(sampling.generate_tiled, tile=tile,
                             overlap=overlap, **opts)
-    summary.update(size=size, large="tiles", tile=tile, tile_overlap=overlap)
+    summary.update(size=list(shape), large="tiles", tile=tile,
+                   tile_overlap=overlap)
   else:
     run = functools.partial(sampling.generate, **opts)
-    if size != g.image:
-      summary.update(size=size, large="direct")
+    if shape != (g.image, g.image):
+      summary.update(size=list(shape), large="direct")
   out = args.out or model.workdir / f"samples_step{model.step}_{tag}"
   images = sampling.sample_in_batches(
       run, model.ldm, model.params, model.first_stage_params, labels,
@@ -165,13 +207,14 @@ def main(argv=None) -> int:
   for name, per_mask in zip(names, images):
     for k, img in enumerate(per_mask):
       viz.save_png(img, out / f"{name}_{k}.png")
-  viz.save_png(viz.mask_sample_grid(labels, images, model.num_classes),
+  viz.save_png(viz.mask_sample_grid(
+      labels, images, palette_lib.for_data(model.config.data)),
                out / "grid.png")
   summary.update(masks=len(labels), samples=int(images.shape[0] *
                                                  images.shape[1]), out=str(out))
   if source is not None and model.config.data.source == "synthetic":
     pred = miou.segment_synthetic(images.reshape(-1, *images.shape[2:]),
-                                      model.num_classes)
+                                  model.num_classes)
     summary["mask_miou"] = miou.mean_iou(
         pred, np.repeat(labels, args.num_samples, axis=0), model.num_classes)
   return _finish(summary, out)

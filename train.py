@@ -39,6 +39,7 @@ from segldm_jax import startup
 from segldm_jax import xla_cpu
 from segldm_jax.data import check as data_check
 from segldm_jax.data import pipeline
+from segldm_jax.eval import workdir_eval
 from segldm_jax.models import build
 
 config_flags.DEFINE_config_file(
@@ -89,6 +90,19 @@ def _count_bad_records(config, bad_log) -> dict[str, int]:
   if jax.process_count() > 1:
     total = multihost_utils.process_allgather(total).sum()
   return {"bad_records": int(total)}
+
+
+class _ImagesPerSecond:
+  """Training throughput since the previous call (or the run's start)."""
+
+  def __init__(self, step: int, batch_size: int):
+    self._step, self._batch, self._time = step, batch_size, time.perf_counter()
+
+  def __call__(self, step: int) -> float:
+    now = time.perf_counter()
+    ips = (step - self._step) * self._batch / (now - self._time)
+    self._step, self._time = step, now
+    return ips
 
 
 class _StopSignal:
@@ -208,6 +222,7 @@ def main(argv):
       ldm, config, previews.preview_labels(source, config, geometry.image),
       fs_params, mesh, workdir, writer, geometry.mask_stages,
       key=jax.random.fold_in(rng, 2**30))
+  evaluate = workdir_eval.for_training(config, workdir, ldm, fs_params)
 
   def stop_if_nonfinite(step: int) -> None:
     # With nonfinite=stop the step applies even a non-finite update (no
@@ -233,7 +248,7 @@ def main(argv):
   total = config.train.steps
   bar = tqdm.tqdm(total=total, initial=start.step, disable=not is_main,
                   dynamic_ncols=True, desc="train")
-  t_last, n_last = time.perf_counter(), 0
+  rate = _ImagesPerSecond(start.step, config.train.batch_size)
   step = start.step
   if step < total:
     step_fn = parallel.compile_for_all(step_fn, state, first_batch, fs_params,
@@ -242,12 +257,9 @@ def main(argv):
     state, metrics = step_fn(state, next(batches), fs_params, rng)
     step += 1
     bar.update(1)
-
     if config.train.log_every and step % config.train.log_every == 0 or step == total:
       host_metrics = jax.device_get(metrics)  # waits for the step
-      elapsed = time.perf_counter() - t_last
-      ips = (step - start.step - n_last) * config.train.batch_size / elapsed
-      t_last, n_last = time.perf_counter(), step - start.step
+      ips = rate(step)
       record = {**ldm_training.log_record(host_metrics, lr(step - 1), ips),
                 **_count_bad_records(config, bad_log)}
       writer.write_scalars(step, record)
@@ -257,6 +269,8 @@ def main(argv):
       save(step)
     if config.train.sample_every and step % config.train.sample_every == 0:
       write_samples(step, state)
+    if evaluate and step % config.train.eval_every == 0:
+      writer.write_scalars(step, evaluate(step, state))
 
   bar.close()
   if stop.signum is not None:

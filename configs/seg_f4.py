@@ -158,6 +158,19 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.sample.num_masks = 8
   c.sample.guidance_scale = 1.0     # on the mask; needs train.cond_drop_prob
 
+  # --- evaluation (evaluate.py --workdir; during training every eval_every) -
+  c.train.eval_every = 0            # 0 = off; logs eval/fid, eval/kid, ...
+  c.eval = mlc.ConfigDict()
+  c.eval.num_images = 64            # validation masks sampled
+  c.eval.batch_size = 16
+  c.eval.diversity_masks = 4        # masks sampled K times for LPIPS diversity
+  c.eval.diversity_samples = 3      # K
+  c.eval.segmenter = ""             # "" = by data (synthetic, ade20k) or none
+  c.data.val_image_dir = ""         # folder source: the validation split
+  c.data.val_mask_dir = ""
+  c.data.val_tfds_split = ""        # tfds source, e.g. "validation"
+  c.data.val_seed = 0               # synthetic: held-out family (0 = seed + 1000003)
+
   # --- mesh and sharding (big_vision style rule lists) ---------------------
   # Tuples, so that the command line can override them:
   #   --config.mesh="(('data', 1), ('fsdp', -1))"

@@ -123,7 +123,7 @@ def run_edit(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray, *,
   out.mkdir(parents=True, exist_ok=True)
   for k, img in enumerate(results):
     viz.save_png(img, out / f"{stem}_edit_{k}.png")
-  colours = palette_lib.palette(model.num_classes)
+  colours = palette_lib.for_data(model.config.data)
   strip = viz.grid([np.stack([photo, palette_lib.colorize(old, colours),
                               palette_lib.colorize(new, colours), *results])])
   viz.save_png(strip, out / f"{stem}_edit_strip.png")

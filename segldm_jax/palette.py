@@ -217,3 +217,14 @@ def named(name: str) -> tuple[np.ndarray, tuple[str, ...]]:
     raise ValueError(f"unknown label set {name!r}; use "
                      f"{', '.join(n.replace('_', '-') for n in _NAMES)}")
   return palette(_NAMED_SIZES[key], key), _NAMES[key]
+
+
+def for_data(data_config) -> np.ndarray:
+  """The colours a run's masks are drawn in, so that a reader can match each
+  region to what it should become: the scenes' own class colours for the
+  synthetic source, else the label set's palette."""
+  num_classes = int(data_config.get("num_classes"))
+  if data_config.get("source") == "synthetic":
+    from segldm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    return synthetic.class_colours(num_classes)
+  return palette(num_classes)

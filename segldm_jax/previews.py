@@ -10,6 +10,7 @@ import pathlib
 import jax
 import numpy as np
 
+from segldm_jax import palette
 from segldm_jax import parallel
 from segldm_jax import sampling
 from segldm_jax import viz
@@ -45,7 +46,7 @@ class PreviewSampler:
     self._labels = labels
     self._labels_dev = jax.device_put(labels, parallel.replicated(mesh))
     self._fs_params = first_stage_params
-    self._num_classes = int(config.data.num_classes)
+    self._colours = palette.for_data(config.data)
     self._workdir, self._writer, self._key = workdir, writer, key
 
   def __call__(self, step: int, state) -> None:
@@ -56,14 +57,14 @@ class PreviewSampler:
           self._generate, *args, name=f"sampler_compiled_{step}")
     images = np.asarray(self._generate(*args))
     if jax.process_index() == 0:
-      grid = write_grid(self._labels, images, self._num_classes,
+      grid = write_grid(self._labels, images, self._colours,
                         self._workdir / "samples" / f"step_{step:07d}.png")
       self._writer.write_images(step, {"samples": grid})
 
 
-def write_grid(labels: np.ndarray, images: np.ndarray, num_classes: int,
+def write_grid(labels: np.ndarray, images: np.ndarray, colours: np.ndarray,
                path: pathlib.Path) -> np.ndarray:
   """Saves masks above their samples as one PNG; -> the grid."""
-  grid = viz.mask_sample_grid(labels, images, num_classes)
+  grid = viz.mask_sample_grid(labels, images, colours)
   viz.save_png(grid, path)
   return grid

@@ -145,6 +145,9 @@ def validate(config: mlc.ConfigDict) -> Geometry:
   if t.compute_dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"train.compute_dtype={t.compute_dtype!r}; use "
                       "'float32' or 'bfloat16'")
+  if t.get("eval_every") and config.get("eval", {}).get("num_images", 1) < 2:
+    raise ConfigError("train.eval_every needs eval.num_images >= 2 (FID "
+                      "needs a covariance); e.g. --config.eval.num_images=64")
   if not config.first_stage.checkpoint and not (
       config.first_stage.allow_random_init or config.first_stage.train_steps):
     raise ConfigError(

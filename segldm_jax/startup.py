@@ -54,6 +54,10 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
   """
   geometry = run_config.resolve(config)
   run_config.check_mesh(config, jax.process_count())
+  if config.train.get("eval_every") and jax.process_count() > 1:
+    raise errors.ConfigError(
+        "train.eval_every runs on one process; set --config.train.eval_every=0 "
+        "and score checkpoints with evaluate.py --workdir")
   first_stage.check(config, workdir)
   layout.ensure_writable(workdir)
   manager = checkpoints.train_checkpoint_manager(workdir, config.train)

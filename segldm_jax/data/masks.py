@@ -1,53 +1,139 @@
-"""Label maps and photos handed to the sampler: read, made ids, fitted.
+"""Label maps and photos handed to the sampler: read, made ids, sized.
 
 The dataset's own masks come through the pipeline; these are the user's
-files (`sample.py --masks`, `--edit_image`). They are decoded with the same
-`LabelSpec` as the run's source (palette, ignore label, remap); 255 always
-means "don't care" here, since it is never a class id.
+files (`sample.py --masks`, `--edit_image`). By default they are decoded
+like the run's source (its palette, ignore label and remap). A painted mask
+names its palette (`palette=`: a label set of `palette.named`, e.g.
+"coco-stuff", or a palette file) and is then in class-id space: colours snap
+to the nearest palette colour within `palette_tolerance`, and blended edges
+take their neighbours' ids (`labels.LabelSpec.colours_to_values`). 255
+always means "don't care", since it is never a class id.
+
+Masks keep their aspect ratio: sides must be multiples of the model's
+`step_px` (first stage factor x the UNet's and the mask's halvings), or be
+resized explicitly (`height`, `width`, or `size` for the shorter side).
 """
 
+import os
 import pathlib
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from segldm_jax import palette as palette_lib
 from segldm_jax.data import folder
 from segldm_jax.data import pipeline
-from segldm_jax.data.base import DataError
 from segldm_jax.data.base import IGNORE_ID
+from segldm_jax.data.base import DataError
+from segldm_jax.data.labels import LabelSpec
 
 
-def fit(array: np.ndarray, size: int, resample) -> np.ndarray:
-  """Shorter side to `size`, then the centre size x size crop."""
-  h, w = array.shape[:2]
-  scale = size / min(h, w)
-  img = Image.fromarray(array).resize(
-      (max(size, round(w * scale)), max(size, round(h * scale))), resample)
-  a = np.asarray(img)
-  y, x = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
-  return a[y:y + size, x:x + size]
+def painted_spec(num_classes: int, palette: str, tolerance: float,
+                 unknown_colours: str = "error") -> LabelSpec:
+  """Class-id space for masks painted with `palette` (a label set's name or
+  a palette file)."""
+  if os.path.exists(palette):
+    colours = palette
+  else:
+    try:
+      colours, _ = palette_lib.named(palette)
+    except ValueError as e:
+      raise DataError(f"--palette {palette}: {e}, or a palette file") from None
+    if len(colours) != num_classes:
+      raise DataError(f"--palette {palette} has {len(colours)} classes; this "
+                      f"model has {num_classes}")
+    colours = colours.tolist()
+  return LabelSpec.create(num_classes, ignore_label=IGNORE_ID, palette=colours,
+                          palette_tolerance=tolerance,
+                          unknown_colours=unknown_colours)
 
 
-def read_masks(path: pathlib.Path, data_config: Any, size: int
-               ) -> tuple[list[str], np.ndarray]:
-  """A PNG label map or a folder of them -> (names, ids (N, size, size)).
+def read_masks(path: pathlib.Path, data_config: Any,
+               spec: LabelSpec | None = None
+               ) -> tuple[list[str], list[np.ndarray]]:
+  """A PNG label map or a folder of them -> (names, ids (H, W) each).
+
+  `spec` (e.g. `painted_spec`) overrides the run's own label settings.
 
   Raises:
-    DataError: no PNG found, or a map the config's labels cannot decode.
+    DataError: no PNG found, or a map the labels cannot decode.
   """
   files = sorted(path.rglob("*.png")) if path.is_dir() else [path]
   if not files:
     raise DataError(f"--masks {path}: no PNG label maps found")
-  spec = pipeline.label_spec(data_config, ignore_default=IGNORE_ID)
-  labels = [fit(folder.read_mask(str(f), spec), size, Image.NEAREST)
-            for f in files]
-  return [f.stem for f in files], np.stack(labels)
+  spec = spec or pipeline.label_spec(data_config, ignore_default=IGNORE_ID)
+  return ([f.stem for f in files],
+          [folder.read_mask(str(f), spec) for f in files])
 
 
-def read_photo(path: pathlib.Path, size: int) -> np.ndarray:
-  """A photo fitted like the masks: (size, size, 3) uint8."""
-  return fit(folder.read_image(str(path)), size, Image.BICUBIC)
+def _multiple(n: float, step: int) -> int:
+  return max(step, int(round(n / step)) * step)
+
+
+def target_size(shape: tuple[int, int], step: int, *, size: int | None = None,
+                height: int | None = None, width: int | None = None,
+                name: str = "mask") -> tuple[int, int]:
+  """The (height, width) a mask of `shape` is sampled at.
+
+  Explicit `height`/`width` win (one alone keeps the aspect ratio); `size`
+  scales the shorter side; otherwise the mask's own size, which must then be
+  a multiple of `step` on both sides.
+  """
+  h, w = shape
+  if size and size % step:
+    raise DataError(
+        f"--size {size} is not a multiple of {step} (the first stage's "
+        f"factor x the UNet's and the mask's halvings); use "
+        f"{size // step * step or step}")
+  if height or width:
+    height = height or _multiple(h * width / w, step)
+    width = width or _multiple(w * height / h, step)
+  elif size:
+    scale = size / min(h, w)
+    height, width = _multiple(h * scale, step), _multiple(w * scale, step)
+  else:
+    height, width = h, w
+  if height % step or width % step:
+    lo = (max(step, height // step * step), max(step, width // step * step))
+    hi = (-(-height // step) * step, -(-width // step) * step)
+    raise DataError(
+        f"{name} is {height}x{width} (height x width); sides must be "
+        f"multiples of {step} (the first stage's factor x the UNet's and the "
+        f"mask's halvings): use --height {lo[0]} --width {lo[1]} or "
+        f"--height {hi[0]} --width {hi[1]}")
+  return height, width
+
+
+def resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+  if labels.shape == (height, width):
+    return labels
+  return np.asarray(Image.fromarray(labels).resize((width, height),
+                                                   Image.NEAREST))
+
+
+def size_masks(names: list[str], labels: list[np.ndarray], step: int,
+               **sizes) -> np.ndarray:
+  """Each mask at its `target_size` -> (N, H, W); all must agree."""
+  out = [resize_labels(m, *target_size(m.shape, step, name=n, **sizes))
+         for n, m in zip(names, labels)]
+  shapes = {m.shape for m in out}
+  if len(shapes) > 1:
+    listed = ", ".join(f"{n} {m.shape[0]}x{m.shape[1]}"
+                       for n, m in list(zip(names, out))[:4])
+    raise DataError(f"the masks differ in size ({listed}); sample them "
+                    "apart or give --height and --width")
+  return np.stack(out)
+
+
+def read_photo(path: pathlib.Path, shape: tuple[int, int]) -> np.ndarray:
+  """A photo resized to its label map's (height, width): (H, W, 3) uint8."""
+  photo = folder.read_image(str(path))
+  h, w = photo.shape[:2]
+  if abs(h / w - shape[0] / shape[1]) > 0.02 * shape[0] / shape[1]:
+    raise DataError(f"{path} is {h}x{w} but its label map is "
+                    f"{shape[0]}x{shape[1]}: the aspect ratios differ")
+  return np.asarray(Image.fromarray(photo).resize(shape[::-1], Image.BICUBIC))
 
 
 def dataset_masks(data_config: Any, size: int, count: int, seed: int

@@ -160,7 +160,7 @@ class Evaluator:
                           self.num_classes),
     }
     if picture is not None:
-      colours = palette_lib.palette(self.num_classes)
+      colours = palette_lib.for_data(self.config.data)
       # One row per mask: mask | real | sample | diversity samples.
       rows = [np.stack([palette_lib.colorize(self.labels[i], colours),
                         self.real[i], fake[i], *extra[i]])
@@ -203,3 +203,18 @@ def evaluate_workdir(workdir: pathlib.Path, *, out=None, conv: str = "xla",
                      model.step, picture=out.parent / "eval.png")
   report.write_json(result, out)
   return result
+
+
+def for_training(config, workdir: pathlib.Path, ldm, fs_params):
+  """-> `step, state -> {eval/...: value}` every `train.eval_every` steps
+  (None when off), scoring the EMA UNet on the validation split."""
+  if not config.train.get("eval_every"):
+    return None
+  evaluator = Evaluator(config, workdir)
+
+  def scores(step: int, state) -> dict[str, float]:
+    params = {"unet": state.ema["unet"],
+              "cond_stage": state.params["cond_stage"]}
+    return scalars(evaluator(ldm, params, fs_params, step))
+
+  return scores
