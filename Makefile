@@ -7,11 +7,12 @@ WORKDIR ?= workdirs/demo
 
 .PHONY: demo test clean-venv
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-eval.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-eval.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-eval.txt
+	$(PY) -m pip install --quiet --no-deps -e .   # import segldm_jax from anywhere
 	touch $@
 
 demo: $(VENV)/.installed

@@ -95,20 +95,22 @@ def composite(original: np.ndarray, generated: np.ndarray,
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def run_edit(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray, *,
-             margin: int, num_samples: int, options: dict[str, Any],
-             key: jax.Array, out: pathlib.Path, stem: str,
-             names: tuple[str, str] = ("the original labels",
-                                       "the edited labels")
-             ) -> dict[str, Any]:
+def edit_samples(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray,
+                 *, margin: int, num_samples: int, options: dict[str, Any],
+                 key: jax.Array, names: tuple[str, str] = (
+                     "the original labels", "the edited labels")
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Regenerates the pixels whose label changed from `old` to `new` (one
-  photo, (H, W) label maps), `num_samples` times; writes each result,
-  a strip (photo, old labels, new labels, results) and returns a summary.
+  photo, (H, W) label maps), `num_samples` times.
 
   Args:
     model: a `trained_model.TrainedModel`.
     options: `sampling.edit`'s keyword arguments (sampler, steps, ...).
     names: how messages call `old` and `new` (e.g. their files).
+
+  Returns:
+    (results uint8 (num_samples, H, W, 3), keep, paste weight) as
+    `edit_masks` gives them.
   """
   keep, weight = edit_masks(old, new, model.ldm.downsample_factor, margin)
   if keep.min() == 1.0:
@@ -120,6 +122,14 @@ def run_edit(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray, *,
         model.ldm, model.params, model.first_stage_params, photo[None],
         new[None], keep, jax.random.fold_in(key, b), **options))
     results.append(composite(photo[None], gen, weight)[0])
+  return np.stack(results), keep, weight
+
+
+def run_edit(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray, *,
+             out: pathlib.Path, stem: str, **kwargs) -> dict[str, Any]:
+  """`edit_samples`, then writes each result and a strip (photo, old labels,
+  new labels, results) to `out`; -> a summary."""
+  results, keep, weight = edit_samples(model, photo, old, new, **kwargs)
   out.mkdir(parents=True, exist_ok=True)
   for k, img in enumerate(results):
     viz.save_png(img, out / f"{stem}_edit_{k}.png")
@@ -128,10 +138,11 @@ def run_edit(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray, *,
                               palette_lib.colorize(new, colours), *results])])
   viz.save_png(strip, out / f"{stem}_edit_strip.png")
   outside = weight[0] == 0
-  return dict(edit_margin=margin, changed_pixels=int((old != new).sum()),
+  return dict(edit_margin=kwargs["margin"],
+              changed_pixels=int((old != new).sum()),
               regenerated_latents=int((keep == 0).sum()),
               kept_pixels=int(outside.sum()),
               max_error_outside=int(max(
                   np.abs(r.astype(int) - photo)[outside].max(initial=0)
                   for r in results)),
-              samples=num_samples, out=str(out))
+              samples=len(results), out=str(out))
