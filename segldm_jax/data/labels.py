@@ -148,6 +148,18 @@ def load_remap(remap: Any) -> dict[int, int]:
 
 UNKNOWN_COLOURS = ("error", "ignore")
 EDGE_PX = 2  # blended edges of a painted mask, filled from their neighbours
+FLAT_RGB = 8  # a pixel this close to its neighbours is inside a region
+
+
+def _flat(rgb: np.ndarray) -> np.ndarray:
+  """(H, W) bool: no 4-neighbour differs by more than FLAT_RGB per channel."""
+  x = rgb.astype(np.int16)
+  p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+  h, w = x.shape[:2]
+  diff = np.zeros((h, w), np.int16)
+  for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+    diff = np.maximum(diff, np.abs(p[dy:dy + h, dx:dx + w] - x).max(-1))
+  return diff <= FLAT_RGB
 
 
 def _nearest(codes: np.ndarray, palette_codes: np.ndarray
@@ -243,10 +255,12 @@ class LabelSpec:
     """An RGB mask (H, W, 3) -> (stored ids (H, W), unknown (H, W) bool).
 
     Exact palette colours always match. With `palette_tolerance` > 0 (masks
-    people paint) a colour snaps to the nearest palette colour within that
-    RGB distance, and pixels still unmatched that touch matched ones, up to
-    `EDGE_PX` away (the blended edges of an anti-aliased or resized
-    painting), take their neighbour's id. What remains is a DataError that
+    people paint) the edges between regions are blends (anti-aliasing, a
+    resize) whose colour may lie near a third class, so colours are trusted
+    only where the painting is flat: a pixel within FLAT_RGB of its four
+    neighbours snaps to the nearest palette colour within the tolerance;
+    edge pixels keep an exact palette colour, and otherwise take the id of
+    a trusted neighbour up to EDGE_PX away. What remains is a DataError that
     counts the pixels and names the first, or, with unknown_colours
     "ignore", comes back in `unknown` (its ids are placeholders).
     """
@@ -262,6 +276,8 @@ class LabelSpec:
       ok = self.palette_codes[near] == uniq
     values, known = self.palette_ids[near][inverse], ok[inverse]
     if self.palette_tolerance > 0:
+      exact = (self.palette_codes[near] == uniq)[inverse]
+      known &= _flat(rgb) | exact
       values, known = _fill_from_neighbours(values, known, EDGE_PX)
     if known.all() or self.unknown_colours == "ignore":
       return values, ~known
