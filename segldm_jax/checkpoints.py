@@ -166,6 +166,24 @@ def restore_params(workdir: str | pathlib.Path, ldm, step: int | None = None,
   return params, step
 
 
+def restore_meta(workdir: str | pathlib.Path, step: int) -> dict:
+  """The JSON `meta` item saved at `step` ({} when there is none): EMA
+  decay / update count, scale_factor, global_step of a converted workdir;
+  step, ema_updates, skipped of a trained one."""
+  with checkpoint_manager(workdir) as mgr:
+    if not (mgr.directory / str(step) / "meta").is_dir():
+      return {}
+    restored = mgr.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))
+  return dict(restored["meta"] or {})
+
+
+def has_ema(workdir: str | pathlib.Path, step: int) -> bool:
+  """Whether the checkpoint at `step` holds EMA weights (`ema_params`)."""
+  return (pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR / str(step)
+          / "ema_params").is_dir()
+
+
 def _save_failure(directory: pathlib.Path, error: BaseException,
                   latest: int | None) -> str:
   """One line for a background save that failed (disk full, I/O error)."""
