@@ -225,9 +225,10 @@ def export(source: str | pathlib.Path, out: str | pathlib.Path,
   try:
     out.mkdir(parents=True, exist_ok=True)
     _write(out, CKPT_FILE, lambda p: torch_writer.save(p, ckpt))
-    # safetensors wants each tensor contiguous and in its own memory.
+    # safetensors wants each tensor C-contiguous (np.ascontiguousarray
+    # would turn 0-d buffers into shape (1,)).
     _write(out, SAFETENSORS_FILE, lambda p: st_numpy.save_file(
-        {k: np.ascontiguousarray(v) for k, v in sd.items()}, str(p),
+        {k: np.asarray(v, order="C") for k, v in sd.items()}, str(p),
         metadata={"format": "pt"}))
     _write(out, CONFIG_YAML, lambda p: p.write_text(
         yaml.safe_dump({"model": node}, sort_keys=False)))
