@@ -45,8 +45,9 @@ def main(argv=None) -> int:
   print(f"{args.source}: {what}{step}, {len(done.state_dict)} tensors")
   for note in done.notes:
     print(f"  {note}")
-  for path in done.files():
-    print(f"wrote {path} ({formatting.human_bytes(path.stat().st_size)})")
+  for path in done.files():  # named as the user named --out
+    size = formatting.human_bytes(path.stat().st_size)
+    print(f"wrote {out / path.name} ({size})")
   print(f"done in {time.perf_counter() - start:.1f} s")
   return 0
 
