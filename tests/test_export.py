@@ -214,6 +214,11 @@ def test_cli_output_and_errors(ldm, tmp_path, capsys):
       f"error: {tmp_path}: neither a workdir (config.json + checkpoints/) "
       "nor a model directory (model.yaml + params/)\n")
   assert not (tmp_path / "b").exists()
+  ckpt = ldm / "live" / "model.ckpt"
+  assert export_torch_ckpt.main([str(ckpt), "--out", str(tmp_path / "b")]) == 1
+  assert capsys.readouterr().err == (
+      f"error: {ckpt} is a file; export_torch_ckpt.py exports a workdir or a "
+      "model directory (convert_torch_ckpt.py converts a checkpoint in)\n")
 
 
 def test_run_without_ema_exports_no_model_ema(ldm, tmp_path, fixtures_dir):

@@ -217,6 +217,10 @@ def export(source: str | pathlib.Path, out: str | pathlib.Path,
   elif (source / layout.MODEL_FILE).is_file():
     (sd, node, kind), step, notes = read_model_dir(source), None, []
     ckpt = {"state_dict": sd}
+  elif source.is_file():
+    raise errors.InputError(
+        f"{source} is a file; export_torch_ckpt.py exports a workdir or a "
+        "model directory (convert_torch_ckpt.py converts a checkpoint in)")
   else:
     raise errors.CheckpointNotFoundError(
         f"{source}: neither a workdir ({layout.CONFIG_FILE} + "
