@@ -8,6 +8,9 @@ containers, and convert back to the very same parameters.
 """
 
 import collections
+import contextlib
+import functools
+import io
 import pickletools
 import zipfile
 
@@ -49,7 +52,10 @@ def ldm(tmp_path_factory, fixtures_dir):
   root = tmp_path_factory.mktemp("export")
   _cli(convert_torch_ckpt.main, fixtures_dir / "ldm_tiny.ckpt", "--config",
        fixtures_dir / "ldm_tiny.yaml", "--out", root / "wd")
-  _cli(export_torch_ckpt.main, root / "wd", "--out", root / "live", "--no-ema")
+  with contextlib.redirect_stdout(io.StringIO()) as printed:
+    _cli(export_torch_ckpt.main, root / "wd", "--out", root / "live",
+         "--no-ema")
+  (root / "live.txt").write_text(printed.getvalue())
   _cli(export_torch_ckpt.main, root / "wd", "--out", root / "ema")
   return root
 
@@ -83,6 +89,7 @@ def _flat(tree) -> dict[str, np.ndarray]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@functools.cache
 def _workdir_weights(workdir) -> dict[str, np.ndarray]:
   """Live and EMA parameters of a workdir's newest step, flattened."""
   model = build.build_model(run_config.load(workdir).model.to_dict())
@@ -158,7 +165,8 @@ def test_round_trip_gives_the_same_parameters(ldm, source):
   assert sorted(got) == sorted(want)
   assert any(k.startswith("ema/") for k in want)
   _assert_bit_identical(got, want)
-  assert not np.array_equal(got["ema/out_2/kernel"], got["live/unet/out_2/kernel"])
+  assert not np.array_equal(got["ema/out_2/kernel"],
+                            got["live/unet/out_2/kernel"])
 
 
 def test_config_yaml_builds_the_same_model(ldm, vq):
@@ -196,17 +204,17 @@ def test_model_directory_exports_taming_names(vq):
 
 
 def test_cli_output_and_errors(ldm, tmp_path, capsys):
-  _cli(export_torch_ckpt.main, ldm / "wd", "--out", tmp_path / "a", "--no-ema")
-  out = capsys.readouterr().out.splitlines()
+  out = (ldm / "live.txt").read_text().splitlines()
   assert out[0] == f"{ldm / 'wd'}: LatentDiffusion at step 0, 454 tensors"
   assert out[1] == "  UNet weights: live; EMA in model_ema.*"
   assert [line.split(" (")[0] for line in out[2:5]] == [
-      f"wrote {tmp_path / 'a' / n}"
+      f"wrote {ldm / 'live' / n}"
       for n in ("model.ckpt", "model.safetensors", "config.yaml")]
+  assert out[5].startswith("done in ")
   assert export_torch_ckpt.main(
-      [str(ldm / "wd"), "--out", str(tmp_path / "a")]) == 1
+      [str(ldm / "wd"), "--out", str(ldm / "live")]) == 1
   assert capsys.readouterr().err == (
-      f"error: --out {tmp_path / 'a'} exists and is not an empty directory; "
+      f"error: --out {ldm / 'live'} exists and is not an empty directory; "
       "choose another\n")
   assert export_torch_ckpt.main([str(tmp_path), "--out",
                                  str(tmp_path / "b")]) == 1
@@ -254,3 +262,22 @@ def test_writer_round_trips_values_through_our_reader(tmp_path):
       k: v for k, v in obj.items() if k != "state_dict"}
   with pytest.raises(TypeError, match="cannot write a set"):
     torch_writer.save(tmp_path / "y.ckpt", {"s": {1}})
+
+
+def test_scale_by_std_exports_its_scale_factor_buffer(ldm, fixtures_dir):
+  """LatentDiffusion registers `scale_factor` as a buffer only with
+  scale_by_std (an attribute otherwise): the export follows, and the
+  converter reads it back."""
+  from segldm_jax import convert  # pylint: disable=g-import-not-at-top
+  conv = convert.convert_checkpoint(fixtures_dir / "ldm_tiny.ckpt",
+                                    fixtures_dir / "ldm_tiny.yaml")
+  assert "scale_factor" not in export.ldm_state_dict(conv.model, conv.params,
+                                                     None, {})
+  node = build.load_model_config(ldm / "live" / "config.yaml")
+  node["params"].update(scale_by_std=True, scale_factor=0.18215)
+  sd = export.ldm_state_dict(build.build_model(node), conv.params, None, {})
+  assert sd["scale_factor"].dtype == np.float32
+  assert sd["scale_factor"].shape == ()
+  assert sd["scale_factor"] == np.float32(0.18215)
+  meta = convert.convert_ldm(conv.model, sd)[2]
+  assert meta["scale_factor"] == float(np.float32(0.18215))

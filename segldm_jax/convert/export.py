@@ -102,7 +102,8 @@ def _numpy(tree: Any) -> Any:
   return np.asarray(tree)
 
 
-def ldm_state_dict(ldm, params: Mapping[str, Any], ema: Mapping[str, Any] | None,
+def ldm_state_dict(ldm, params: Mapping[str, Any],
+                   ema: Mapping[str, Any] | None,
                    ema_meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """LatentDiffusion.state_dict() in the original's order and names.
 
@@ -202,11 +203,12 @@ def export(source: str | pathlib.Path, out: str | pathlib.Path,
   Raises:
     errors.CheckpointNotFoundError: `source` is neither a workdir nor a model
       directory.
-    errors.InputError: `out` exists and is not empty.
+    errors.InputError: `source` is a file, or `out` exists and is not empty.
     errors.WorkdirError: `out` cannot be written.
   """
   # Imported here: the numpy API is only needed once something is exported.
-  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from safetensors import numpy as st_numpy
   source, out = pathlib.Path(source).absolute(), pathlib.Path(out).absolute()
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise errors.InputError(f"--out {out} exists and is not an empty "

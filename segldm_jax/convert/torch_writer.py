@@ -178,7 +178,8 @@ def save(path: str | os.PathLike[str], obj: Any) -> pathlib.Path:
                                                allowZip64=True) as zf:
 
     def add(name: str, data) -> None:
-      info = zipfile.ZipInfo(f"{_PREFIX}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+      info = zipfile.ZipInfo(f"{_PREFIX}/{name}",
+                             date_time=(1980, 1, 1, 0, 0, 0))
       info.file_size = len(data)
       zip64 = info.file_size * 1.05 > zipfile.ZIP64_LIMIT
       # Pad the local header's extra field so the data starts on a multiple
