@@ -149,9 +149,8 @@ def restore_params(workdir: str | pathlib.Path, ldm, step: int | None = None,
     shapes = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
         saved_shapes.ldm_param_shapes(ldm))
-    has_ema = (mgr.directory / str(step) / "ema_params").is_dir()
     items = {"params": ocp.args.StandardRestore(shapes)}
-    if use_ema and has_ema:
+    if use_ema and has_ema(workdir, step):
       items["ema_params"] = ocp.args.StandardRestore({"unet": shapes["unet"]})
     try:
       saved_shapes.check_saved_params(workdir, step, shapes, use_ema=use_ema)
