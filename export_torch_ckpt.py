@@ -32,8 +32,8 @@ def main(argv=None) -> int:
   ap.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                   help="the UNet's EMA weights become model.diffusion_model.*, "
                        "what samples use (default); --no-ema keeps the live "
-                       "weights there and the EMA in model_ema.*, as a "
-                       "checkpoint to resume training from")
+                       "weights there and the EMA in model_ema.*, as "
+                       "latent-diffusion's own checkpoints hold them")
   args = ap.parse_args(argv)
   source = args.source.absolute()
   out = args.out or source.with_name(source.name + "-torch")
