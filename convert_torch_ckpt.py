@@ -6,7 +6,8 @@
 A standalone VQ first stage (e.g. vq-f4/model.ckpt), UNet or SpatialRescaler
 becomes a model directory (model.yaml + params/); a full LatentDiffusion
 checkpoint becomes a workdir that sample.py samples from and train.py can
-fine-tune (config.json, first_stage/, checkpoints/STEP/). Without --config the
+fine-tune (config.json, first_stage/, checkpoints/STEP/). A `.safetensors`
+file with the same key names converts the same way. Without --config the
 architecture is inferred from tensor shapes and the inferred config is printed.
 """
 
@@ -25,7 +26,8 @@ from segldm_jax.formatting import printable
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("checkpoint", type=pathlib.Path, help=".ckpt/.pt/.pth file")
+  ap.add_argument("checkpoint", type=pathlib.Path,
+                  help=".ckpt/.pt/.pth or .safetensors file")
   ap.add_argument("--config", type=pathlib.Path,
                   help="LDM-style YAML (the config.yaml beside model.ckpt)")
   ap.add_argument("--out", type=pathlib.Path,

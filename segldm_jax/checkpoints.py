@@ -149,9 +149,8 @@ def restore_params(workdir: str | pathlib.Path, ldm, step: int | None = None,
     shapes = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
         saved_shapes.ldm_param_shapes(ldm))
-    has_ema = (mgr.directory / str(step) / "ema_params").is_dir()
     items = {"params": ocp.args.StandardRestore(shapes)}
-    if use_ema and has_ema:
+    if use_ema and has_ema(workdir, step):
       items["ema_params"] = ocp.args.StandardRestore({"unet": shapes["unet"]})
     try:
       saved_shapes.check_saved_params(workdir, step, shapes, use_ema=use_ema)
@@ -164,6 +163,24 @@ def restore_params(workdir: str | pathlib.Path, ldm, step: int | None = None,
   if "ema_params" in items:
     params["unet"] = restored["ema_params"]["unet"]
   return params, step
+
+
+def restore_meta(workdir: str | pathlib.Path, step: int) -> dict:
+  """The JSON `meta` item saved at `step` ({} when there is none): EMA
+  decay / update count, scale_factor, global_step of a converted workdir;
+  step, ema_updates, skipped of a trained one."""
+  with checkpoint_manager(workdir) as mgr:
+    if not (mgr.directory / str(step) / "meta").is_dir():
+      return {}
+    restored = mgr.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))
+  return dict(restored["meta"] or {})
+
+
+def has_ema(workdir: str | pathlib.Path, step: int) -> bool:
+  """Whether the checkpoint at `step` holds EMA weights (`ema_params`)."""
+  return (pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR / str(step)
+          / "ema_params").is_dir()
 
 
 def _save_failure(directory: pathlib.Path, error: BaseException,

@@ -14,7 +14,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "segldm_jax"
-SCRIPTS = ("train.py", "sample.py", "convert_torch_ckpt.py")
+SCRIPTS = ("train.py", "sample.py", "convert_torch_ckpt.py",
+           "export_torch_ckpt.py")
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -53,8 +53,8 @@ _PROBE = textwrap.dedent(r"""
         imported.append(info.name)
       except Exception as e:  # reported, and fails the test
         failed[info.name] = repr(e)
-    import convert_torch_ckpt
-    imported.append("convert_torch_ckpt")
+    import convert_torch_ckpt, export_torch_ckpt
+    imported += ["convert_torch_ckpt", "export_torch_ckpt"]
     for script in ("train", "sample"):  # the other entry points, when present
       if os.path.isfile(os.path.join(ROOT, script + ".py")):
         try:
@@ -99,7 +99,8 @@ def test_product_runs_without_torch(tmp_path):
   assert not result["torch_loaded"]
   assert result["failed"] == {}, result["failed"]
   assert {"segldm_jax.convert", "segldm_jax.convert.torch_io", "segldm_jax.checkpoints",
-          "segldm_jax.convert.infer_config", "convert_torch_ckpt"} <= set(
+          "segldm_jax.convert.infer_config", "convert_torch_ckpt",
+          "segldm_jax.convert.export", "export_torch_ckpt"} <= set(
               result["imported"]), result["imported"]
   assert result["rc"] == 0, proc.stderr[-4000:]
   assert (out / "config.json").is_file() and (out / "first_stage").is_dir()
@@ -115,7 +116,8 @@ _TORCH_IMPORT = re.compile(
 def _product_sources() -> list[pathlib.Path]:
   files = sorted((ROOT / "segldm_jax").rglob("*.py"))
   files += [ROOT / name for name in ("train.py", "sample.py",
-                                     "convert_torch_ckpt.py")
+                                     "convert_torch_ckpt.py",
+                                     "export_torch_ckpt.py")
             if (ROOT / name).is_file()]
   return files
 

@@ -1,8 +1,12 @@
 """PyTorch checkpoints <-> segldm-jax, without torch.
 
   torch_io.py       reads torch.save zips (restricted unpickler, mmapped storages)
+  torch_writer.py   writes them (plain tensors and containers only)
+  safetensors_io.py reads .safetensors state_dicts (the package's numpy API)
   infer_config.py   an LDM-style architecture node from tensor shapes alone
   mapping.py        the rename rule and transposes: state_dict <-> Flax trees
+  export.py         workdirs / model directories -> model.ckpt, .safetensors,
+                    config.yaml
 """
 
 from segldm_jax.convert.mapping import (  # noqa: F401

@@ -14,6 +14,7 @@ or ignored for a stated reason; anything else is an error that names it.
 
 import dataclasses
 import mmap
+import pathlib
 import re
 from typing import Any, Mapping, Sequence
 
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 
 from segldm_jax.convert import infer_config
+from segldm_jax.convert import safetensors_io
 from segldm_jax.convert import torch_io
 from segldm_jax.diffusion import schedule as schedule_lib
 from segldm_jax.models import build
@@ -302,13 +304,16 @@ class Converted:
 
 def convert_checkpoint(path, config=None, *, use_ema: bool = True,
                        **infer_kw) -> Converted:
-  """Read a torch checkpoint (no torch needed) and convert every network.
+  """Read a torch checkpoint (no torch needed) or a `.safetensors` file with
+  the same key names, and convert every network.
 
   `config` is an LDM-style YAML path or config node; without it the
   architecture is inferred from tensor shapes (`infer_kw` supplies what
   shapes cannot tell, e.g. num_heads). `use_ema=False` drops EMA weights.
   """
-  state_dict = torch_io.load_state_dict(path)
+  safetensors = pathlib.Path(path).suffix == safetensors_io.SUFFIX
+  state_dict = (safetensors_io.load_state_dict(path) if safetensors
+                else torch_io.load_state_dict(path))
   report = Report()
   if config is None:
     node, notes = infer_config.infer_model_config(state_dict, **infer_kw)
@@ -327,8 +332,9 @@ def convert_checkpoint(path, config=None, *, use_ema: bool = True,
       report.ignored.update(dict.fromkeys(sorted(shadow),
                                           "EMA weights (--no-ema)"))
       ema = None
-    # The CLI numbers the workdir's step by it (Lightning's global_step).
-    ckpt = torch_io.load_checkpoint(path)  # the pickle again; tensors stay lazy
+    # The CLI numbers the workdir's step by it (Lightning's global_step; a
+    # safetensors file has none).
+    ckpt = None if safetensors else torch_io.load_checkpoint(path)
     step = ckpt.get("global_step") if isinstance(ckpt, Mapping) else None
     if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
       meta["global_step"] = step
