@@ -17,13 +17,21 @@ A **workdir** holds a latent diffusion run (trained here or converted):
                                is not saved: it is the step (batch k of the
                                stream is a function of the seed and k).
     WORKDIR/metrics.jsonl, tensorboard/, samples/   logs and pictures
+    WORKDIR/run.lock           who is training here now (WorkdirLock)
 """
 
+import atexit
+import datetime
+import fcntl
+import json
 import math
 import os
 import pathlib
 import shutil
+import socket
 from typing import Any
+
+from absl import logging
 
 import jax
 import numpy as np
@@ -82,3 +90,70 @@ def check_free_space(workdir: pathlib.Path, state_bytes: int, keep: int,
         f"state: train.keep_checkpoints={keep} + 1 being written{already}, "
         "plus margin); free space, pass --config.train.keep_checkpoints=1 or "
         "use a --workdir on a bigger disk")
+
+
+LOCK_FILE = "run.lock"
+
+
+class WorkdirLock:
+  """One training run per workdir, for the run's whole life.
+
+  Process 0 of a run holds an exclusive `flock` on WORKDIR/run.lock, which
+  names it (host, pid, since when). The kernel drops the lock when the
+  process dies, however it dies, so a second `train.py` on the same workdir
+  is refused while the first lives, and a killed run's lock is free to take
+  (its note, left behind, is reported). A clean exit empties the note. On
+  shared storage the lock is the filesystem's: NFSv4 and Lustre honour it.
+  """
+
+  def __init__(self, path: pathlib.Path, fd: int):
+    self.path, self._fd = path, fd
+
+  @classmethod
+  def acquire(cls, workdir: pathlib.Path) -> "WorkdirLock":
+    """Raises errors.WorkdirError naming the holder if another run has it."""
+    path = workdir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _read_note(fd)
+      os.close(fd)
+      raise errors.WorkdirError(
+          f"workdir {workdir} is in use by another run ({_describe(holder)}); "
+          "wait for it to end or stop it, or use another --workdir") from None
+    left = _read_note(fd)
+    if left:
+      logging.warning("workdir %s: taking over the lock of a run that ended "
+                      "without releasing it (%s): it was killed or crashed",
+                      workdir, _describe(left))
+    note = {"host": socket.gethostname(), "pid": os.getpid(),
+            "since": datetime.datetime.now().astimezone().isoformat(
+                timespec="seconds")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(note) + "\n").encode(), 0)
+    os.fsync(fd)
+    lock = cls(path, fd)
+    atexit.register(lock.release)
+    return lock
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    os.ftruncate(self._fd, 0)  # a clean end leaves no note behind
+    os.close(self._fd)  # and drops the flock
+    self._fd = None
+
+
+def _read_note(fd: int) -> dict:
+  try:
+    return json.loads(os.pread(fd, 4096, 0) or b"{}")
+  except ValueError:
+    return {}
+
+
+def _describe(note: dict) -> str:
+  if not note:
+    return "holder unknown"
+  return (f"host {note.get('host')}, pid {note.get('pid')}, since "
+          f"{note.get('since')}")

@@ -37,6 +37,7 @@ class Start:
   optimizer: optax.GradientTransformation
   abstract_state: ldm_training.TrainState  # ShapeDtypeStructs, no weights
   saved_config: str | None  # the workdir's config.json text when resuming
+  lock: layout.WorkdirLock | None  # held by process 0 for the run's life
 
 
 def _resume_hint(error: errors.CheckpointMismatchError,
@@ -60,6 +61,8 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
         "and score checkpoints with evaluate.py --workdir")
   first_stage.check(config, workdir)
   layout.ensure_writable(workdir)
+  lock = (layout.WorkdirLock.acquire(workdir) if jax.process_index() == 0
+          else None)
   manager = checkpoints.train_checkpoint_manager(workdir, config.train)
   resume_from = checkpoints.resume_step(manager)  # None: a new run
   step = resume_from or 0
@@ -86,7 +89,7 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
   return Start(geometry=geometry, manager=manager, step=step,
                resuming=resume_from is not None,
                optimizer=optimizer, abstract_state=abstract_state,
-               saved_config=saved_config)
+               saved_config=saved_config, lock=lock)
 
 
 def initial_state(start: Start, workdir: pathlib.Path,

@@ -7,7 +7,9 @@ share one XLA compilation cache, so only the first run pays for compiling.
 import json
 import os
 import pathlib
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -111,7 +113,10 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(uninterrupted, tmp_path,
   killed_at = max(_losses(wd))
   assert 60 not in _steps(wd) and _steps(wd)[-1] < killed_at
 
-  _train(wd, env, *RUN)
+  r = _train(wd, env, *RUN)
+  # The killed run's lock was free to take; its note is reported.
+  assert ("taking over the lock of a run that ended without releasing it "
+          f"(host {socket.gethostname()}, pid {proc.pid}, since") in r.stderr
   want, got = _losses(uninterrupted), _losses(wd)
   assert sorted(got) == list(range(1, 61))  # no step logged twice
   np.testing.assert_allclose([got[s] for s in range(1, 61)],
@@ -119,6 +124,28 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(uninterrupted, tmp_path,
   # Nor in TensorBoard, which honours the resumed run's restart marker.
   events = event_files.purged(event_files.read_events(wd / "tensorboard"))
   assert [e.step for e in events if e.summary.value] == list(range(1, 61))
+
+
+def test_a_second_run_on_the_same_workdir_is_refused(tmp_path, env):
+  wd = tmp_path / "busy"
+  first = subprocess.Popen(
+      [sys.executable, str(ROOT / "train.py"), "--config",
+       str(ROOT / "configs/seg_f4.py:tiny"), "--workdir", str(wd), *SYNTHETIC,
+       *RUN], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  lock = wd / "run.lock"
+  while time.time() < deadline and not (lock.exists() and lock.read_text()):
+    time.sleep(0.05)
+  r = _train(wd, env, *RUN, check=False)
+  assert r.returncode == 1
+  assert re.fullmatch(
+      rf"error: workdir {re.escape(str(wd))} is in use by another run \(host "
+      rf"{re.escape(socket.gethostname())}, pid {first.pid}, since \S+\); "
+      r"wait for it to end or stop it, or use another --workdir",
+      r.stderr.strip().splitlines()[-1]), r.stderr[-1000:]
+  assert first.wait(timeout=600) == 0, first.stderr.read().decode()[-2000:]
+  assert sorted(_losses(wd)) == list(range(1, 61))  # the first run, untouched
+  assert lock.read_text() == ""  # released at its clean end
 
 
 def test_five_sigkills_at_random_moments_lose_nothing(uninterrupted, tmp_path,
