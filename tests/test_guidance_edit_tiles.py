@@ -304,7 +304,7 @@ def test_sample_cli_large_tiles_with_guidance(converted, tmp_path, capsys):
               "--steps", "4",
               "--sampler", "ddim", "--out", str(tmp_path / "o"))
   assert (s["size"], s["large"], s["tile"], s["tile_overlap"]) == (
-      64, "tiles", 8, 2)
+      [64, 64], "tiles", 8, 2)  # [height, width]
   assert s["guidance_scale"] == 2.0
   assert np.asarray(Image.open(tmp_path / "o" / "big_0.png")).shape == (
       64, 64, 3)

@@ -173,10 +173,28 @@ def _nearest(codes: np.ndarray, palette_codes: np.ndarray
   return near, np.sqrt(np.maximum(d2[np.arange(len(codes)), near], 0))
 
 
-def _fill_from_neighbours(values: np.ndarray, known: np.ndarray, steps: int
-                          ) -> tuple[np.ndarray, np.ndarray]:
-  """Unknown pixels within `steps` pixels (8-neighbourhood) of known ones
-  take a known neighbour's value."""
+def _same_colour_region(rgb: np.ndarray, seeds: np.ndarray, steps: int
+                        ) -> np.ndarray:
+  """`seeds` grown by up to `steps` pixels into 4-neighbours of their colour
+  (within FLAT_RGB per channel)."""
+  x = rgb.astype(np.int16)
+  h, w = seeds.shape
+  region = seeds.copy()
+  for _ in range(steps):
+    pr = np.pad(region, 1)
+    px = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    grown = region.copy()
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+      close = np.abs(px[dy:dy + h, dx:dx + w] - x).max(-1) <= FLAT_RGB
+      grown |= pr[dy:dy + h, dx:dx + w] & close
+    region = grown
+  return region
+
+
+def _fill_from_neighbours(values: np.ndarray, known: np.ndarray, steps: int,
+                          blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Unknown pixels (not `blocked`) within `steps` pixels (8-neighbourhood)
+  of known ones take a known neighbour's value."""
   h, w = known.shape
   for _ in range(steps):
     if known.all():
@@ -186,7 +204,7 @@ def _fill_from_neighbours(values: np.ndarray, known: np.ndarray, steps: int
     for dy in (-1, 0, 1):
       for dx in (-1, 0, 1):
         nk = pk[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-        take = ~grown_known & nk
+        take = ~grown_known & ~blocked & nk
         grown = np.where(take, pv[1 + dy:1 + dy + h, 1 + dx:1 + dx + w], grown)
         grown_known |= take
     values, known = grown, grown_known
@@ -277,8 +295,12 @@ class LabelSpec:
     values, known = self.palette_ids[near][inverse], ok[inverse]
     if self.palette_tolerance > 0:
       exact = (self.palette_codes[near] == uniq)[inverse]
-      known &= _flat(rgb) | exact
-      values, known = _fill_from_neighbours(values, known, EDGE_PX)
+      flat = _flat(rgb)
+      # A region in a colour no class has is unknown to its very border:
+      # only the blends between regions are filled from their neighbours.
+      foreign = _same_colour_region(rgb, flat & ~known, EDGE_PX)
+      known &= flat | exact
+      values, known = _fill_from_neighbours(values, known, EDGE_PX, foreign)
     if known.all() or self.unknown_colours == "ignore":
       return values, ~known
     y, x = (int(v[0]) for v in np.nonzero(~known))
