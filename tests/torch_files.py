@@ -29,20 +29,14 @@ import struct
 import zipfile
 from typing import Any, Callable, Iterable, Mapping, Union
 
-import ml_dtypes
 import numpy as np
 
+from segldm_jax.convert import torch_writer
+
+# The product's writer knows every real dtype; tests also write complex
+# tensors, which the reader must refuse.
 STORAGE_NAMES = {
-    np.dtype(np.float32): "FloatStorage",
-    np.dtype(np.float64): "DoubleStorage",
-    np.dtype(np.float16): "HalfStorage",
-    np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
-    np.dtype(np.int64): "LongStorage",
-    np.dtype(np.int32): "IntStorage",
-    np.dtype(np.int16): "ShortStorage",
-    np.dtype(np.int8): "CharStorage",
-    np.dtype(np.uint8): "ByteStorage",
-    np.dtype(np.bool_): "BoolStorage",
+    **torch_writer.STORAGE_CLASSES,
     np.dtype(np.complex64): "ComplexFloatStorage",
     np.dtype(np.complex128): "ComplexDoubleStorage",
 }
