@@ -163,7 +163,7 @@ def main(argv=None) -> int:
 
   try:
     params, step = checkpoints.restore_params(workdir, ldm, use_ema=args.ema)
-  except errors.CheckpointMismatchError as e:
+  except (errors.CheckpointMismatchError, errors.CorruptCheckpointError) as e:
     sys.exit(f"error: {e}")
   found = first_stage_lib.load_existing(config, workdir)
   if found is None:

@@ -36,6 +36,7 @@ from segldm_jax import checkpoints
 from segldm_jax import first_stage as first_stage_lib
 from segldm_jax import metrics as metrics_lib
 from segldm_jax import parallel
+from segldm_jax import previews
 from segldm_jax import run_config
 from segldm_jax import sampling
 from segldm_jax import ldm_training
@@ -116,17 +117,14 @@ def main(argv):
     start_step = mgr.latest_step() or 0
     # Shapes only (no weights): what saved tensors and free space are
     # checked against, before the first stage or a sample is written; the
-    # Sharding section derives the state's shardings from the same.
+    # Mesh section derives the state's shardings from the same.
     optimizer = ldm_training.make_optimizer(config.train)
     param_shapes = saved_shapes.ldm_param_shapes(build.build_model(config.model))
     abstract_state = jax.eval_shape(
         lambda p: ldm_training.init_state(p, optimizer), param_shapes)
-    saved_config = None  # the Model section overwrites it; kept for errors
     if start_step:
       run_config.check_resume(config, workdir, start_step)
       saved_shapes.check_saved_params(workdir, start_step, param_shapes)
-      if (workdir / layout.CONFIG_FILE).is_file():
-        saved_config = (workdir / layout.CONFIG_FILE).read_text()
   except run_config.ConfigError as e:
     sys.exit(f"config error: {e}")
   except errors.CheckpointMismatchError as e:
@@ -151,6 +149,19 @@ def main(argv):
     sys.exit(f"config error: {e}")
   repl = parallel.replicated(mesh)
   logging.info("mesh %s", dict(mesh.shape))
+  state_shardings = parallel.shardings_from_rules(
+      abstract_state, mesh, config.sharding_rules)
+  if start_step:  # before the data stream: it starts at the restored step
+    logging.info("resuming from step %d", start_step)
+    try:  # the newest intact step; a corrupt one is set aside, with a warning
+      state, start_step = checkpoints.restore_latest_intact(
+          mgr, abstract_state, state_shardings,
+          jax.jit(optimizer.init, out_shardings=state_shardings.opt_state))
+    except errors.CheckpointMismatchError as e:  # e.g. the optimiser
+      sys.exit(f"config error: {e}; resume with the settings in "
+               f"{workdir / layout.CONFIG_FILE} or use a new --workdir")
+    except errors.CorruptCheckpointError as e:
+      sys.exit(f"error: {e}")
 
   # ===================================================================== #
   #                                 Input                                 #
@@ -202,8 +213,6 @@ def main(argv):
     return ldm_training.init_state(params, optimizer)
 
   rng = jax.random.key(config.seed)
-  state_shardings = parallel.shardings_from_rules(
-      abstract_state, mesh, config.sharding_rules)
   logging.info("parameters:\n%s", parallel.describe(
       state_shardings.params, abstract_state.params))
 
@@ -223,21 +232,10 @@ def main(argv):
   if start_step == 0:
     state = jax.jit(init_state, out_shardings=state_shardings)(
         jax.random.fold_in(rng, -1 % 2**31))
-  else:
-    logging.info("resuming from step %d", start_step)
-    try:
-      state = checkpoints.restore_train_state(
-          mgr, start_step, abstract_state, state_shardings,
-          jax.jit(optimizer.init, out_shardings=state_shardings.opt_state))
-    except errors.CheckpointMismatchError as e:  # e.g. the optimiser
-      if is_main and saved_config is not None:  # this config never trained
-        (workdir / layout.CONFIG_FILE).write_text(saved_config)
-      sys.exit(f"config error: {e}; resume with the settings in "
-               f"{workdir / layout.CONFIG_FILE} or use a new --workdir")
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   writer.truncate_after(start_step)
-  preview_labels = first_stage_lib.preview_labels(source, config, geometry)
+  preview_labels = previews.preview_labels(source, config, geometry)
   sample_key = jax.random.fold_in(rng, 2**30)
 
   def stop_if_nonfinite(step: int) -> None:

@@ -87,6 +87,75 @@ def crc(args) -> None:
   print(f"machine: {_machine()}; CRC from {crc_impl}")
 
 
+def manifest(args) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+  from configs import seg_f4  # pylint: disable=g-import-not-at-top
+  from segldm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from segldm_jax import ldm_training  # pylint: disable=g-import-not-at-top
+  from segldm_jax import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
+  from segldm_jax import parallel  # pylint: disable=g-import-not-at-top
+  from segldm_jax import saved_shapes  # pylint: disable=g-import-not-at-top
+  from segldm_jax.models import build  # pylint: disable=g-import-not-at-top
+
+  config = seg_f4.get_config(args.variant)
+  shapes = saved_shapes.ldm_param_shapes(build.build_model(config.model))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(
+      rng.standard_normal(s.shape, np.float32)), shapes)
+  optimizer = ldm_training.make_optimizer(config.train)
+  state = ldm_training.init_state(params, optimizer)
+  tree = {"params": state.params, "ema_params": state.ema,
+          "opt_state": state.opt_state}
+  leaves = jax.tree.leaves(tree)
+  nbytes = sum(x.nbytes for x in leaves)
+
+  def median(fn):
+    runs = []
+    for _ in range(args.runs):
+      t = time.perf_counter()
+      fn()
+      runs.append(time.perf_counter() - t)
+    return statistics.median(runs)
+
+  first = time.perf_counter()
+  manifest_lib.make(tree)
+  first = time.perf_counter() - first
+  hashing = median(lambda: manifest_lib.make(tree))
+  row = {"variant": args.variant, "arrays": len(leaves),
+         "GiB": nbytes / 2**30, "hash_first_s": first, "hash_s": hashing}
+  if args.save:
+    abstract = jax.eval_shape(lambda p: ldm_training.init_state(p, optimizer),
+                              shapes)
+    mesh = parallel.make_mesh([("data", -1)])
+    shardings = parallel.shardings_from_rules(abstract, mesh, [(".*", "replicate")])
+    real_make = manifest_lib.make
+    train_cfg = mlc.ConfigDict({"keep_checkpoints": 100, "keep_period": 0})
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
+      counter = iter(range(1, 1000))
+      for label, on in (("with", True), ("without", False)):
+        manifest_lib.make = real_make if on else (lambda t: {})
+        mgr = checkpoints.train_checkpoint_manager(pathlib.Path(d) / label,
+                                                   train_cfg)
+
+        def save(mgr=mgr):
+          checkpoints.save_train_state(mgr, next(counter), state)
+          mgr.wait_until_finished()
+
+        row[f"save_{label}_s"] = median(save)
+        step = mgr.latest_step()
+        row[f"restore_{label}_s"] = median(
+            lambda mgr=mgr, step=step: jax.block_until_ready(
+                checkpoints.restore_train_state(mgr, step, abstract, shardings,
+                                                optimizer.init)))
+        mgr.close()
+      manifest_lib.make = real_make
+  print(json.dumps(row))
+  print(f"machine: {_machine()}, jax {jax.__version__} on "
+        f"{jax.devices()[0].platform} ({jax.device_count()} device(s))")
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   sub = ap.add_subparsers(dest="what", required=True)
@@ -98,8 +167,11 @@ def main() -> None:
   m = sub.add_parser("manifest")
   m.add_argument("--variant", default="demo")
   m.add_argument("--runs", type=int, default=3)
+  m.add_argument("--save", action="store_true",
+                 help="also time saves and restores with and without it")
+  m.add_argument("--dir", default=None, help="where the saves go (a disk)")
   args = ap.parse_args()
-  {"crc": crc}.get(args.what, lambda a: manifest(a))(args)
+  {"crc": crc, "manifest": manifest}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -32,3 +32,8 @@ class SaveFailedError(UserError, RuntimeError):
 
 class NonFiniteError(UserError, FloatingPointError):
   """Training produced a non-finite loss or gradient (with nonfinite=stop)."""
+
+
+class CorruptCheckpointError(UserError, ValueError):
+  """Saved arrays no longer match the hashes saved with them (names the
+  array and the step), or cannot be read at all."""
