@@ -97,9 +97,12 @@ def main(argv):
     print(report.summary())
     sys.exit(0 if report.ok else 1)
   parallel.maybe_initialize_distributed(
-      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+      heartbeat_timeout_s=FLAGS.config.parallel.heartbeat_timeout_s)
   config = FLAGS.config
   workdir = pathlib.Path(FLAGS.workdir).absolute()
+  parallel.watch_peers(config.parallel.heartbeat_timeout_s,
+                       workdir / layout.CHECKPOINTS_DIR)
 
   # ===================================================================== #
   #                           Logging and workdir                         #
@@ -282,7 +285,8 @@ def main(argv):
     del frame
     stop["signal"] = signum
 
-  signal.signal(signal.SIGTERM, on_signal)
+  if jax.process_count() == 1:  # else jax's preemption service takes it
+    signal.signal(signal.SIGTERM, on_signal)
   signal.signal(signal.SIGINT, on_signal)
 
   lr = ldm_training.lr_schedule(config.train)
@@ -324,6 +328,8 @@ def main(argv):
       save(step)
     if config.train.sample_every and step % config.train.sample_every == 0:
       write_samples(step)
+    if parallel.preemption_requested(step):  # SIGTERM to any one process
+      stop["signal"] = signal.SIGTERM
 
   bar.close()
   if stop["signal"] is not None:
