@@ -83,6 +83,8 @@ def test_preemption_and_a_lost_process(tmp_path):
   killed = time.monotonic()
   procs[0].wait(timeout=HEARTBEAT_S + 60)
   waited = time.monotonic() - killed
+  print(f"SIGTERM: both saved step {stopped}; SIGKILL after step {kept}: "
+        f"the survivor exited {waited:.1f} s later")  # pytest -s
   err = logs[0][1].read_text()
   assert f"resuming from step {stopped}" in err
   assert procs[0].returncode not in (0, None), err[-3000:]
