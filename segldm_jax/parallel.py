@@ -396,6 +396,14 @@ def watch_peers(timeout_s: int, checkpoints_dir: str | os.PathLike[str],
   failed because the peer went away) waits for that verdict first. A
   process that exits normally says so, and is not reported. One process:
   nothing to watch.
+
+  When process 0 itself is lost, jax's client in every other process
+  aborts at once (exit 134) with its own fatal error about the coordination
+  service, before this thread can speak, and jax offers no hook for it (the
+  client's error callback cannot be given from Python: its status argument
+  does not convert). So a small helper process (`_LAST_WORDS`) outlives
+  this one: unless told that it exits cleanly or has reported, it writes the
+  summary line to the same stderr once this process is gone.
   """
   if jax.process_count() == 1:
     return
@@ -406,16 +414,17 @@ def watch_peers(timeout_s: int, checkpoints_dir: str | os.PathLike[str],
   interval = max(0.5, min(5.0, timeout_s / 10))
   stopping = threading.Event()
 
+  resume = (f"resume by re-running every process's command, this one's: "
+            f"python {shlex.join(command)}")
+  last_words = _start_last_words(checkpoints_dir, count, resume)
+
   def report(who: str) -> None:
     if stopping.is_set():  # exiting anyway: the peer may be done too
       return
-    step = last_complete_step(checkpoints_dir)
-    kept = (f"the last complete checkpoint is step {step} in {checkpoints_dir}"
-            if step is not None else f"no checkpoint was completed in "
-            f"{checkpoints_dir}")
+    _silence(last_words)
     line = (f"error: {who} of {count} stopped (no heartbeat for {timeout_s} s: "
-            f"lost host, killed or crashed); {kept}; resume by re-running "
-            f"every process's command, this one's: python {shlex.join(command)}")
+            f"lost host, killed or crashed); "
+            f"{_kept(checkpoints_dir)}; {resume}")
     sys.stdout.flush()
     sys.stderr.write("\n" + line + "\n")
     sys.stderr.flush()
@@ -457,6 +466,7 @@ def watch_peers(timeout_s: int, checkpoints_dir: str | os.PathLike[str],
 
   def on_exit() -> None:
     stopping.set()
+    _silence(last_words)
     try:
       client.key_value_set(f"{_DONE}{me}", "1", allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except
@@ -467,3 +477,64 @@ def watch_peers(timeout_s: int, checkpoints_dir: str | os.PathLike[str],
   hook = sys.excepthook
   sys.excepthook = on_exception
   threading.Thread(target=beat, name="segldm-watch-peers", daemon=True).start()
+
+
+def _kept(checkpoints_dir: pathlib.Path) -> str:
+  step = last_complete_step(checkpoints_dir)
+  if step is None:
+    return f"no checkpoint was completed in {checkpoints_dir}"
+  return f"the last complete checkpoint is step {step} in {checkpoints_dir}"
+
+
+# Run by a helper process: reads its stdin until the watched process closes
+# it (by exiting, however it exits); unless told "quiet" first, writes the
+# summary line. A coordinator that no longer accepts connections is the
+# likely cause of an abnormal end (jax aborts when it loses it).
+_LAST_WORDS = """
+import pathlib, signal, socket, sys
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+  signal.signal(s, signal.SIG_IGN)  # the process group's signals are not ours
+address, directory, count, resume, me = sys.argv[1:6]
+if sys.stdin.buffer.read().endswith(b"quiet"):
+  sys.exit(0)
+who = "this process ended abnormally (crashed or killed)"
+host, _, port = address.rpartition(":")
+try:
+  if me != "0":  # process 0 hosts the coordinator itself
+    socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+except (OSError, ValueError):
+  who = f"process 0 (the coordinator) of {count} stopped (lost host, killed or crashed)"
+steps = [int(p.name) for p in pathlib.Path(directory).glob("*")
+         if p.name.isdigit() and p.is_dir()]
+kept = (f"the last complete checkpoint is step {max(steps)} in {directory}"
+        if steps else f"no checkpoint was completed in {directory}")
+sys.stderr.write(f"\\nerror: {who}; {kept}; {resume}\\n")
+"""
+
+
+def _start_last_words(checkpoints_dir: pathlib.Path, count: int,
+                      resume: str) -> Any:
+  """The helper that speaks for this process if jax aborts it (see
+  `watch_peers`); None where it cannot start."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  address = distributed.global_state.coordinator_address or ""
+  try:
+    return subprocess.Popen(
+        [sys.executable, "-c", _LAST_WORDS, address, str(checkpoints_dir),
+         str(count), resume, str(jax.process_index())],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        start_new_session=True)
+  except OSError:
+    return None
+
+
+def _silence(helper: Any) -> None:
+  """Tells the helper this process ends cleanly or has spoken itself."""
+  if helper is None:
+    return
+  try:
+    helper.stdin.write(b"quiet")
+    helper.stdin.close()
+  except (OSError, ValueError):
+    pass

@@ -5,7 +5,8 @@ one of them: both save the same step and exit 0, and the rerun resumes
 there. SIGKILL to one after a checkpoint: the other exits non-zero within
 `parallel.heartbeat_timeout_s` + 10 s, its last stderr line saying which
 process stopped, the last complete checkpoint and the command to resume;
-the rerun resumes from that checkpoint.
+the rerun resumes from that checkpoint. Losing process 0 (the coordinator)
+is reported the same way, by idle processes (no training: cheap).
 """
 
 import os
@@ -107,3 +108,46 @@ def test_preemption_and_a_lost_process(tmp_path):
   assert f"resuming from step {latest}" in errs[0]
   steps = [r["step"] for r in metrics.read_jsonl(workdir / "metrics.jsonl")]
   assert steps == list(range(1, latest + 2))
+
+
+_IDLE = """
+import sys, time
+from segldm_jax import parallel
+port, me, workdir = sys.argv[1:4]
+parallel.maybe_initialize_distributed(f"localhost:{port}", 2, int(me),
+                                      heartbeat_timeout_s=3)
+parallel.watch_peers(3, f"{workdir}/checkpoints")
+print("ready", flush=True)
+while True:
+  time.sleep(0.1)
+"""
+
+
+def test_a_lost_coordinator_is_reported_by_the_others(tmp_path):
+  # jax aborts the others at once when process 0 goes (exit 134, its own
+  # fatal error); the helper of watch_peers still has the last word.
+  (tmp_path / "checkpoints" / "7").mkdir(parents=True)
+  port = _free_port()
+  env = {**_env(1, tmp_path / "xla"), "PYTHONPATH": str(ROOT)}
+  errs = [tmp_path / f"{i}.err" for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, "-c", _IDLE, str(port), str(i),
+                             str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=errs[i].open("w"), text=True)
+           for i in range(2)]
+  try:
+    assert [p.stdout.readline() for p in procs] == ["ready\n"] * 2
+    procs[0].kill()
+    procs[1].wait(timeout=3 + 10)
+  finally:
+    for p in procs:
+      p.kill()
+  assert procs[1].returncode not in (0, None)
+  deadline = time.monotonic() + 10  # the helper writes once it is gone
+  while "coordinator" not in errs[1].read_text() and time.monotonic() < deadline:
+    time.sleep(0.1)
+  last = errs[1].read_text().strip().splitlines()[-1]
+  assert last.startswith(
+      "error: process 0 (the coordinator) of 2 stopped (lost host, killed or "
+      f"crashed); the last complete checkpoint is step 7 in {tmp_path}/"
+      "checkpoints; resume by re-running every process's command, this "
+      "one's: python "), last
