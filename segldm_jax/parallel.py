@@ -418,13 +418,12 @@ def watch_peers(timeout_s: int, checkpoints_dir: str | os.PathLike[str],
             f"python {shlex.join(command)}")
   last_words = _start_last_words(checkpoints_dir, count, resume)
 
-  def report(who: str) -> None:
+  def report(who: str, why: str) -> None:
     if stopping.is_set():  # exiting anyway: the peer may be done too
       return
     _silence(last_words)
-    line = (f"error: {who} of {count} stopped (no heartbeat for {timeout_s} s: "
-            f"lost host, killed or crashed); "
-            f"{_kept(checkpoints_dir)}; {resume}")
+    line = (f"error: {who} of {count} stopped ({why}lost host, killed or "
+            f"crashed); {_kept(checkpoints_dir)}; {resume}")
     sys.stdout.flush()
     sys.stderr.write("\n" + line + "\n")
     sys.stderr.flush()
@@ -443,9 +442,9 @@ def watch_peers(timeout_s: int, checkpoints_dir: str | os.PathLike[str],
       except Exception:  # pylint: disable=broad-except
         if stopping.is_set():
           return
-        # The coordination service is gone, and with it process 0.
-        report("process 0 (the coordinator)" if me else "the coordination "
-               "service of process 0")
+        # The coordination service is gone, and with it process 0 (the
+        # same line as the helper's, which speaks if jax aborts us first).
+        report("process 0 (the coordinator)", "")
         return
       now = time.monotonic()
       for peer, (last, since) in list(seen.items()):
@@ -455,7 +454,7 @@ def watch_peers(timeout_s: int, checkpoints_dir: str | os.PathLike[str],
         elif value != last:
           seen[peer] = (value, now)
         elif now - since > timeout_s:
-          report(f"process {peer}")
+          report(f"process {peer}", f"no heartbeat for {timeout_s} s: ")
       stopping.wait(interval)
 
   def on_exception(kind, value, tb) -> None:
@@ -517,8 +516,11 @@ def _start_last_words(checkpoints_dir: pathlib.Path, count: int,
   """The helper that speaks for this process if jax aborts it (see
   `watch_peers`); None where it cannot start."""
   import subprocess  # pylint: disable=g-import-not-at-top
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  address = distributed.global_state.coordinator_address or ""
+  try:  # jax keeps it in private state (it may be auto-detected)
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    address = str(distributed.global_state.coordinator_address or "")
+  except (ImportError, AttributeError):
+    address = ""  # the helper then cannot tell a lost coordinator
   try:
     return subprocess.Popen(
         [sys.executable, "-c", _LAST_WORDS, address, str(checkpoints_dir),
