@@ -110,7 +110,8 @@ class _StopSignal:
 
   def __init__(self):
     self.signum = None
-    signal.signal(signal.SIGTERM, self._handle)
+    if jax.process_count() == 1:  # else jax's preemption service takes it
+      signal.signal(signal.SIGTERM, self._handle)
     signal.signal(signal.SIGINT, self._handle)
 
   def _handle(self, signum, frame):
@@ -145,9 +146,10 @@ def main(argv):
     report = data_check.check_data(FLAGS.config.data)
     print(report.summary())
     return 0 if report.ok else 1
-  parallel.maybe_initialize_distributed(
-      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   config = FLAGS.config
+  parallel.maybe_initialize_distributed(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+      heartbeat_timeout_s=config.parallel.heartbeat_timeout_s)
   workdir = pathlib.Path(FLAGS.workdir).absolute()
 
   # ===================================================================== #
@@ -155,14 +157,25 @@ def main(argv):
   # ===================================================================== #
   is_main = jax.process_index() == 0
   start = startup.preflight(config, workdir)  # config, mesh, workdir, resume
-  logging.info("workdir %s; %d process(es), %d device(s): %s", workdir,
-               jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+
   # ===================================================================== #
-  #                                  Mesh                                 #
+  #                           Mesh and sharding                           #
   # ===================================================================== #
   mesh = parallel.make_mesh(config.mesh)  # preflight checked it fits
   repl = parallel.replicated(mesh)
   logging.info("mesh %s", dict(mesh.shape))
+  state_shardings = parallel.shardings_from_rules(
+      start.abstract_state, mesh, config.sharding_strategy)
+  logging.info("parameters:\n%s", parallel.describe(
+      state_shardings.params, start.abstract_state.params))
+
+  # ===================================================================== #
+  #                              Checkpoints                              #
+  # ===================================================================== #
+  # Before the input: the data stream starts at the step restored, and a
+  # corrupt newest checkpoint sends the run back to the one before.
+  state, start = startup.initial_state(start, config, workdir, state_shardings)
+  mgr = start.manager
 
   # ===================================================================== #
   #                                 Input                                 #
@@ -190,15 +203,6 @@ def main(argv):
     run_config.save(config, workdir)
 
   # ===================================================================== #
-  #                                Sharding                               #
-  # ===================================================================== #
-  rng = jax.random.key(config.seed)
-  state_shardings = parallel.shardings_from_rules(
-      start.abstract_state, mesh, config.sharding_strategy)
-  logging.info("parameters:\n%s", parallel.describe(
-      state_shardings.params, start.abstract_state.params))
-
-  # ===================================================================== #
   #                             Train step                                #
   # ===================================================================== #
   step_fn = jax.jit(
@@ -209,13 +213,9 @@ def main(argv):
       donate_argnums=(0,))
 
   # ===================================================================== #
-  #                              Checkpoints                              #
+  #                          Logs and previews                            #
   # ===================================================================== #
-  state = startup.initial_state(start, workdir,
-                                ldm_training.fresh_state_fn(ldm, start.optimizer),
-                                jax.random.fold_in(rng, -1 % 2**31),
-                                state_shardings, is_main)
-  mgr = start.manager
+  rng = jax.random.key(config.seed)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   writer.truncate_after(start.step)
   write_samples = previews.PreviewSampler(
@@ -271,6 +271,8 @@ def main(argv):
       write_samples(step, state)
     if evaluate and step % config.train.eval_every == 0:
       writer.write_scalars(step, evaluate(step, state))
+    if parallel.preemption_requested(step):  # SIGTERM to any one process
+      stop.signum = signal.SIGTERM
 
   bar.close()
   if stop.signum is not None:

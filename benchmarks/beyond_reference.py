@@ -168,8 +168,8 @@ def _large(ldm, params, fs, config, size, k, colours, opts, run, args):
   starts = sampling.tile_starts(big_size // ldm.downsample_factor, tile,
                                 overlap)
   f = ldm.downsample_factor
-  seams = sorted({s * f for s in starts if s} |
-                 {(s + tile) * f for s in starts if (s + tile) * f < big_size})
+  rows = sorted({s * f for s in starts if s} |
+                {(s + tile) * f for s in starts if (s + tile) * f < big_size})
   unet = config.model.params.unet_config.params
   period = f * 2 ** (len(unet.channel_mult) - 1)  # the networks' stride
   b = 1
@@ -183,10 +183,10 @@ def _large(ldm, params, fs, config, size, k, colours, opts, run, args):
   miou = {name: round(evaluate.mean_iou(evaluate.segment_synthetic(x, k), big,
                                         k), 4)
           for name, x in (("tiles", tiled), ("direct", direct))}
-  seam_tiles = seams.seam_ratio(tiled, seams, period)
-  seam_direct = seams.seam_ratio(direct, seams, period)
+  seam_tiles = seams.seam_ratio(tiled, rows, period)
+  seam_direct = seams.seam_ratio(direct, rows, period)
   print(json.dumps({
-      "size": big_size, "tile": tile, "overlap": overlap, "seams": seams,
+      "size": big_size, "tile": tile, "overlap": overlap, "seams": rows,
       "seam_ratio_tiles": round(seam_tiles, 3),
       "seam_ratio_direct_same_lines": round(seam_direct, 3),
       # What tiling adds at its seams (tests/test_guidance_edit_tiles.py

@@ -178,6 +178,15 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.mesh = (("data", -1), ("fsdp", 1))
   c.sharding_strategy = ((".*", "replicate"),)
 
+  # --- multi-process runs ---------------------------------------------------
+  c.parallel = mlc.ConfigDict()
+  # A peer process silent this long is lost: the others stop, naming it, the
+  # last complete checkpoint and the command that resumes. A minute: long
+  # past any pause of a live process (the beat comes from its own thread,
+  # through compiles and saves), short enough that a preempted cluster's
+  # survivors are not held for jax's default (100 s) before a restart.
+  c.parallel.heartbeat_timeout_s = 60
+
   if variant == "demo":
     _demo(c)
   elif variant == "tiny":

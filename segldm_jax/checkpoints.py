@@ -10,6 +10,7 @@ import re
 import shutil
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -17,11 +18,15 @@ import yaml
 
 from segldm_jax import formatting
 from segldm_jax import layout
+from segldm_jax import manifest
+from segldm_jax import parallel
 from segldm_jax import saved_shapes
 from segldm_jax.errors import CheckpointMismatchError
 from segldm_jax.errors import CheckpointNotFoundError
+from segldm_jax.errors import CorruptCheckpointError
 from segldm_jax.errors import SaveFailedError
-from segldm_jax.layout import CHECKPOINTS_DIR, CONFIG_FILE, MODEL_FILE, PARAMS_DIR
+from segldm_jax.layout import CHECKPOINTS_DIR, CONFIG_FILE, MANIFEST_FILE
+from segldm_jax.layout import MANIFEST_ITEM, MODEL_FILE, PARAMS_DIR
 from segldm_jax.models import build
 
 def save_model_dir(path: str | pathlib.Path, node: Mapping[str, Any],
@@ -34,6 +39,7 @@ def save_model_dir(path: str | pathlib.Path, node: Mapping[str, Any],
 
   path = pathlib.Path(path).absolute()
   path.mkdir(parents=True, exist_ok=True)
+  hashes = manifest.make(params)  # every process: a collective if sharded
   if jax.process_index() == 0:
     (path / MODEL_FILE).write_text(yaml.safe_dump({"model": formatting.plain(node)},
                                                   sort_keys=False))
@@ -41,6 +47,8 @@ def save_model_dir(path: str | pathlib.Path, node: Mapping[str, Any],
       (path / "report.txt").write_text(report + "\n")
   with ocp.Checkpointer(_lean_pytree_handler()) as checkpointer:
     checkpointer.save(path / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+  if jax.process_index() == 0:  # after the weights: a manifest means done
+    (path / MANIFEST_FILE).write_text(json.dumps(hashes) + "\n")
   return path
 
 
@@ -101,8 +109,31 @@ def load_model_dir(path: str | pathlib.Path, **build_kw):
       model (the message names the first one and both shapes).
   """
   path, module, shapes, node = _open_model_dir(path, **build_kw)
-  params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, shapes)
+  try:
+    params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, shapes)
+    saved = (json.loads((path / MANIFEST_FILE).read_text())
+             if (path / MANIFEST_FILE).is_file() else None)
+  except (ValueError, OSError, RuntimeError) as e:  # tensorstore, JSON
+    raise CorruptCheckpointError(_unreadable(str(path), e)) from e
+  _check_manifest(saved, params, f"{path}: {PARAMS_DIR}/")
   return module, params, node
+
+
+def _unreadable(where: str, error: BaseException) -> str:
+  return (f"{where} cannot be read ({formatting.describe_error(error, 300)}): "
+          "the checkpoint is corrupt or incomplete")
+
+
+def _check_manifest(saved: Any, tree: Any, where: str) -> None:
+  """Raises CorruptCheckpointError naming the first array of `tree` whose
+  hash is not the one saved with it (`where`: the step or directory)."""
+  bad = manifest.first_mismatch(saved, tree)
+  if bad is not None:
+    name, then, now = bad
+    raise CorruptCheckpointError(
+        f"{where} array {name!r} does not match the hash saved with it "
+        f"({then} saved, {now} read): the checkpoint is corrupt (changed on "
+        "disk or in a copy)")
 
 
 def checkpoint_manager(workdir: str | pathlib.Path,
@@ -124,6 +155,8 @@ def save_converted_workdir(workdir: str | pathlib.Path, config: Mapping[str, Any
            "meta": ocp.args.JsonSave(formatting.plain(meta))}
   if ema_params is not None:
     items["ema_params"] = ocp.args.StandardSave(ema_params)
+  items[MANIFEST_ITEM] = ocp.args.JsonSave(manifest.make(
+      {"params": params, "ema_params": ema_params}))
   with checkpoint_manager(workdir) as mgr:
     mgr.save(step, args=ocp.args.Composite(**items), force=True)
     mgr.wait_until_finished()
@@ -158,7 +191,7 @@ def restore_params(workdir: str | pathlib.Path, ldm, step: int | None = None,
       raise CheckpointMismatchError(
           f"{e}; the workdir's {CONFIG_FILE} does not describe these "
           "weights") from None
-    restored = mgr.restore(step, args=ocp.args.Composite(**items))
+    restored = _restore_verified(mgr, step, items)
   params = dict(restored["params"])
   if "ema_params" in items:
     params["unet"] = restored["ema_params"]["unet"]
@@ -263,13 +296,37 @@ def save_train_state(mgr: ocp.CheckpointManager, step: int, state,
   """
   if step in mgr.all_steps():
     return
+  # Hashed where the arrays are, before the save copies them (one pass over
+  # the state on its devices); the manifest is an item of the same step, so
+  # it is written (or lost) with it.
+  hashes = manifest.make({"params": state.params, "ema_params": state.ema,
+                          "opt_state": state.opt_state})
   mgr.save(step, force=force, args=ocp.args.Composite(
       params=ocp.args.StandardSave(state.params),
       ema_params=ocp.args.StandardSave(state.ema),
       opt_state=ocp.args.StandardSave(state.opt_state),
       meta=ocp.args.JsonSave({"step": step,
                               "ema_updates": int(state.ema_updates),
-                              "skipped": int(state.skipped)})))
+                              "skipped": int(state.skipped)}),
+      **{MANIFEST_ITEM: ocp.args.JsonSave(hashes)}))
+
+
+def _restore_verified(mgr: ocp.CheckpointManager, step: int,
+                      items: dict) -> Any:
+  """`mgr.restore` of `items` at `step`, checked against the step's manifest
+  (when it has one: older and foreign checkpoints do not)."""
+  where = f"{mgr.directory.parent}: {CHECKPOINTS_DIR}/{step}"
+  listed = (mgr.directory / str(step) / MANIFEST_ITEM).is_dir()
+  if listed:
+    items = {**items, MANIFEST_ITEM: ocp.args.JsonRestore()}
+  try:
+    restored = mgr.restore(step, args=ocp.args.Composite(**items))
+  except (ValueError, OSError, RuntimeError) as e:  # tensorstore, JSON
+    raise CorruptCheckpointError(_unreadable(where, e)) from e
+  _check_manifest(restored[MANIFEST_ITEM] if listed else None,
+                  {k: restored[k] for k in items
+                   if k not in ("meta", MANIFEST_ITEM)}, f"{where}:")
+  return restored
 
 
 def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_state,
@@ -285,6 +342,9 @@ def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_state,
     CheckpointMismatchError: a saved tensor is missing, extra or of another
       shape than `abstract_state`'s (the model the config builds); the
       message names the first one, both shapes and the config keys behind it.
+    CorruptCheckpointError: an array read back does not match the hash
+      saved with it (the message names it and the step), or the step cannot
+      be read at all.
   """
 
   def target(tree, sh):
@@ -308,7 +368,7 @@ def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_state,
                               shardings.opt_state)):
     if (step_dir / name).is_dir():
       items[name] = ocp.args.StandardRestore(target(abstract, sh))
-  r = mgr.restore(step, args=ocp.args.Composite(**items))
+  r = _restore_verified(mgr, step, items)
   params = r["params"]
   ema = r["ema_params"] if "ema_params" in items else {
       "unet": jax.tree.map(jax.numpy.copy, params["unet"])}  # donated apart
@@ -323,3 +383,51 @@ def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_state,
                              shardings.skipped))
   opt_state = r["opt_state"] if "opt_state" in items else init_opt_state(params)
   return state.replace(opt_state=opt_state)
+
+
+def restore_latest_intact(mgr: ocp.CheckpointManager, abstract_state,
+                          shardings, init_opt_state):
+  """-> (state, step): the newest step that restores intact (see
+  `restore_train_state`).
+
+  A step whose arrays no longer match their manifest (or cannot be read) is
+  renamed STEP.corrupt, which orbax no longer lists, with a warning naming
+  the array; the previous complete step is tried next. Every process takes
+  the same path (the hashes are computed together).
+
+  Raises:
+    CheckpointNotFoundError: no step was saved.
+    CorruptCheckpointError: no step is intact (the newest one's message).
+    CheckpointMismatchError: as `restore_train_state`.
+  """
+  first = None
+  for step in sorted(mgr.all_steps(), reverse=True):
+    try:
+      return restore_train_state(mgr, step, abstract_state, shardings,
+                                 init_opt_state), step
+    except CorruptCheckpointError as e:
+      first = first or e
+      aside = _set_aside(mgr, step)
+      logging.warning("%s; set aside as %s, resuming from the previous "
+                      "complete checkpoint", e, aside.name)
+  if first is None:
+    raise CheckpointNotFoundError(
+        f"{mgr.directory}: no checkpoint to resume from")
+  raise CorruptCheckpointError(
+      f"{first}; no earlier checkpoint is intact: start again in a new "
+      "--workdir (the corrupt steps are kept as STEP.corrupt)")
+
+
+def _set_aside(mgr: ocp.CheckpointManager, step: int) -> pathlib.Path:
+  """Renames step `step` to STEP.corrupt (STEP.corrupt.N if taken)."""
+  source = mgr.directory / str(step)
+  target = source.with_name(source.name + layout.CORRUPT_SUFFIX)
+  n = 1
+  while target.exists():
+    target = source.with_name(f"{source.name}{layout.CORRUPT_SUFFIX}.{n}")
+    n += 1
+  if jax.process_index() == 0:
+    source.rename(target)
+  parallel.barrier(f"segldm_set_aside_{step}")
+  mgr.reload()
+  return target

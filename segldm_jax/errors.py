@@ -46,3 +46,8 @@ class NonFiniteError(UserError, FloatingPointError):
 class MissingWeightsError(UserError, FileNotFoundError):
   """An evaluation network's weights package is not installed (names the
   install command)."""
+
+
+class CorruptCheckpointError(UserError, ValueError):
+  """Saved arrays no longer match the hashes saved with them (names the
+  array and the step), or cannot be read at all."""

@@ -6,16 +6,20 @@ A **model directory** holds one network, e.g. a converted vq-f4:
     DIR/model.yaml    LDM-style config node (`model: {target, params}`)
     DIR/params/       orbax checkpoint of the Flax parameter tree
     DIR/report.txt    what the conversion did (when converted)
+    DIR/manifest.json hashes of the params' arrays (see `manifest.py`)
 
 A **workdir** holds a latent diffusion run (trained here or converted):
 
     WORKDIR/config.json        the resolved run config (`model` = LDM node)
     WORKDIR/first_stage/       model directory of the frozen VQ
     WORKDIR/checkpoints/STEP/  orbax items: params {unet, cond_stage},
-                               ema_params {unet}, meta (JSON), and, for
+                               ema_params {unet}, meta (JSON), manifest
+                               (JSON: a hash of every array) and, for
                                training runs, opt_state. The data position
                                is not saved: it is the step (batch k of the
                                stream is a function of the seed and k).
+    WORKDIR/checkpoints/STEP.corrupt/   a step whose arrays no longer
+                               matched their manifest, set aside on resume
     WORKDIR/metrics.jsonl, tensorboard/, samples/   logs and pictures
     WORKDIR/run.lock           who is training here now (WorkdirLock)
 """
@@ -44,6 +48,9 @@ PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 FIRST_STAGE_DIR = "first_stage"
 CHECKPOINTS_DIR = "checkpoints"
+MANIFEST_FILE = "manifest.json"  # in a model directory
+MANIFEST_ITEM = "manifest"  # orbax item of a workdir's checkpoint step
+CORRUPT_SUFFIX = ".corrupt"  # orbax lists only the steps named by a number
 
 
 def ensure_writable(workdir: pathlib.Path) -> None:

@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import math
 import os
+import pathlib
 import re
+import shlex
+import sys
+import threading
+import time
 from typing import Any, Mapping, Sequence
 
 from absl import flags as absl_flags
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 from orbax.checkpoint import multihost as ocp_multihost
@@ -268,9 +274,17 @@ _CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
                 "MEGASCALE_COORDINATOR_ADDRESS")
 
 
+# jax's own heartbeat check ends a process whose peer went silent with a C++
+# fatal error: it is given this much longer than `watch_peers`, whose line
+# saying what happened must come first.
+_JAX_HEARTBEAT_MARGIN_S = 5
+DEFAULT_HEARTBEAT_TIMEOUT_S = 60
+
+
 def maybe_initialize_distributed(coordinator_address: str | None = None,
                                  num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
+                                 process_id: int | None = None,
+                                 heartbeat_timeout_s: int | None = None) -> bool:
   """Joins a multi-process run when launched as one; True if it did.
 
   Explicit arguments (train.py's flags) win, then JAX_COORDINATOR_ADDRESS /
@@ -278,6 +292,9 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   Open MPI and TPU pods. A single process (none of these) does nothing. On
   CPU, collectives go through gloo, so several processes on one machine (or
   several machines without accelerators) also work.
+
+  `heartbeat_timeout_s` (config `parallel.heartbeat_timeout_s`): how long a
+  silent peer counts as alive; see `watch_peers`, which reports it.
   """
   env = os.environ
   coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
@@ -291,10 +308,13 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
     return False
   # Only affects the CPU backend (harmless on GPU/TPU hosts).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  timeout = int(heartbeat_timeout_s or DEFAULT_HEARTBEAT_TIMEOUT_S)
+  timeouts = {"heartbeat_timeout_seconds": timeout + _JAX_HEARTBEAT_MARGIN_S}
   if explicit:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               **timeouts)
   else:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
   # Orbax's own barriers then go through the coordination service too,
   # instead of through device collectives (see `barrier`).
   try:
@@ -334,3 +354,190 @@ def compile_for_all(jitted, *args, name: str, **kwargs):
   compiled = jitted.lower(*args, **kwargs).compile()
   barrier(name)
   return compiled
+
+
+def preemption_requested(step: int) -> bool:
+  """True, at the same `step` in every process, once any process of a
+  multi-process run got SIGTERM (a preemption notice); call it every step.
+
+  jax's preemption service catches SIGTERM in each process (so do not
+  install a Python handler for it there) and agrees on the first step every
+  process can still reach. One process: always False (handle the signal).
+  """
+  if jax.process_count() == 1:
+    return False
+  return multihost_utils.reached_preemption_sync_point(step)
+
+
+_ALIVE = "segldm/alive/"
+_DONE = "segldm/done/"
+
+
+def last_complete_step(checkpoints_dir: pathlib.Path) -> int | None:
+  """The newest finalised step under an orbax checkpoints folder (orbax
+  renames a step's temporary folder to its number once complete)."""
+  try:
+    steps = [int(p.name) for p in checkpoints_dir.iterdir()
+             if p.name.isdigit() and p.is_dir()]
+  except OSError:
+    return None
+  return max(steps, default=None)
+
+
+def watch_peers(timeout_s: int, checkpoints_dir: str | os.PathLike[str],
+                command: Sequence[str] | None = None) -> None:
+  """Ends this process in one line when a peer process stops responding.
+
+  Each process beats (a counter in the coordination service) every
+  `timeout_s`/10 s from a thread; a peer whose beat has not moved for
+  `timeout_s`, or a coordination service that no longer answers (process 0
+  hosts it), ends this process with exit code 1 and, as the last stderr
+  line, which process stopped, the last complete checkpoint step and the
+  command that resumes. An exception in the main thread (a collective that
+  failed because the peer went away) waits for that verdict first. A
+  process that exits normally says so, and is not reported. One process:
+  nothing to watch.
+
+  When process 0 itself is lost, jax's client in every other process
+  aborts at once (exit 134) with its own fatal error about the coordination
+  service, before this thread can speak, and jax offers no hook for it (the
+  client's error callback cannot be given from Python: its status argument
+  does not convert). So a small helper process (`_LAST_WORDS`) outlives
+  this one: unless told that it exits cleanly or has reported, it writes the
+  summary line to the same stderr once this process is gone.
+  """
+  if jax.process_count() == 1:
+    return
+  client = ocp_multihost.get_jax_distributed_client()
+  me, count = jax.process_index(), jax.process_count()
+  checkpoints_dir = pathlib.Path(checkpoints_dir)
+  command = list(command if command is not None else sys.argv)
+  interval = max(0.5, min(5.0, timeout_s / 10))
+  stopping = threading.Event()
+
+  resume = (f"resume by re-running every process's command, this one's: "
+            f"python {shlex.join(command)}")
+  last_words = _start_last_words(checkpoints_dir, count, resume)
+
+  def report(who: str, why: str) -> None:
+    if stopping.is_set():  # exiting anyway: the peer may be done too
+      return
+    _silence(last_words)
+    line = (f"error: {who} of {count} stopped ({why}lost host, killed or "
+            f"crashed); {_kept(checkpoints_dir)}; {resume}")
+    sys.stdout.flush()
+    sys.stderr.write("\n" + line + "\n")
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
+    # Not sys.exit: jax's exit handlers would wait for the lost peer.
+
+  def beat() -> None:
+    seen = {i: (None, time.monotonic()) for i in range(count) if i != me}
+    beats = 0
+    while not stopping.is_set():
+      beats += 1
+      try:
+        client.key_value_set(f"{_ALIVE}{me}", str(beats), allow_overwrite=True)
+        values = dict(client.key_value_dir_get(_ALIVE))
+        done = dict(client.key_value_dir_get(_DONE))
+      except Exception:  # pylint: disable=broad-except
+        if stopping.is_set():
+          return
+        # The coordination service is gone, and with it process 0 (the
+        # same line as the helper's, which speaks if jax aborts us first).
+        report("process 0 (the coordinator)", "")
+        return
+      now = time.monotonic()
+      for peer, (last, since) in list(seen.items()):
+        value = values.get(f"{_ALIVE}{peer}")
+        if f"{_DONE}{peer}" in done:
+          del seen[peer]
+        elif value != last:
+          seen[peer] = (value, now)
+        elif now - since > timeout_s:
+          report(f"process {peer}", f"no heartbeat for {timeout_s} s: ")
+      stopping.wait(interval)
+
+  def on_exception(kind, value, tb) -> None:
+    hook(kind, value, tb)  # jax's own diagnostics first
+    if not issubclass(kind, (KeyboardInterrupt, SystemExit)):
+      # A collective failed: if a peer is gone the watcher says so shortly.
+      stopping.wait(timeout_s + 2 * interval)
+
+  def on_exit() -> None:
+    stopping.set()
+    _silence(last_words)
+    try:
+      client.key_value_set(f"{_DONE}{me}", "1", allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+  import atexit  # pylint: disable=g-import-not-at-top
+  atexit.register(on_exit)  # runs before jax's (registered earlier)
+  hook = sys.excepthook
+  sys.excepthook = on_exception
+  threading.Thread(target=beat, name="segldm-watch-peers", daemon=True).start()
+
+
+def _kept(checkpoints_dir: pathlib.Path) -> str:
+  step = last_complete_step(checkpoints_dir)
+  if step is None:
+    return f"no checkpoint was completed in {checkpoints_dir}"
+  return f"the last complete checkpoint is step {step} in {checkpoints_dir}"
+
+
+# Run by a helper process: reads its stdin until the watched process closes
+# it (by exiting, however it exits); unless told "quiet" first, writes the
+# summary line. A coordinator that no longer accepts connections is the
+# likely cause of an abnormal end (jax aborts when it loses it).
+_LAST_WORDS = """
+import pathlib, signal, socket, sys
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+  signal.signal(s, signal.SIG_IGN)  # the process group's signals are not ours
+address, directory, count, resume, me = sys.argv[1:6]
+if sys.stdin.buffer.read().endswith(b"quiet"):
+  sys.exit(0)
+who = "this process ended abnormally (crashed or killed)"
+host, _, port = address.rpartition(":")
+try:
+  if me != "0":  # process 0 hosts the coordinator itself
+    socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+except (OSError, ValueError):
+  who = f"process 0 (the coordinator) of {count} stopped (lost host, killed or crashed)"
+steps = [int(p.name) for p in pathlib.Path(directory).glob("*")
+         if p.name.isdigit() and p.is_dir()]
+kept = (f"the last complete checkpoint is step {max(steps)} in {directory}"
+        if steps else f"no checkpoint was completed in {directory}")
+sys.stderr.write(f"\\nerror: {who}; {kept}; {resume}\\n")
+"""
+
+
+def _start_last_words(checkpoints_dir: pathlib.Path, count: int,
+                      resume: str) -> Any:
+  """The helper that speaks for this process if jax aborts it (see
+  `watch_peers`); None where it cannot start."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  try:  # jax keeps it in private state (it may be auto-detected)
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    address = str(distributed.global_state.coordinator_address or "")
+  except (ImportError, AttributeError):
+    address = ""  # the helper then cannot tell a lost coordinator
+  try:
+    return subprocess.Popen(
+        [sys.executable, "-c", _LAST_WORDS, address, str(checkpoints_dir),
+         str(count), resume, str(jax.process_index())],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        start_new_session=True)
+  except OSError:
+    return None
+
+
+def _silence(helper: Any) -> None:
+  """Tells the helper this process ends cleanly or has spoken itself."""
+  if helper is None:
+    return
+  try:
+    helper.stdin.write(b"quiet")
+    helper.stdin.close()
+  except (OSError, ValueError):
+    pass

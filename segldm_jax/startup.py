@@ -1,5 +1,5 @@
 """What train.py checks before it spends minutes on work, and how a run
-begins: a fresh train state or the workdir's newest checkpoint.
+begins: a fresh train state or the workdir's newest intact checkpoint.
 
 Mistakes that later sections would trip over after minutes (the mesh, the
 first stage, a resumed workdir trained with other settings, an unwritable
@@ -9,7 +9,7 @@ Only metadata and shapes are read; no weight is loaded.
 
 import dataclasses
 import pathlib
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import jax
@@ -22,6 +22,7 @@ from segldm_jax import errors
 from segldm_jax import first_stage
 from segldm_jax import layout
 from segldm_jax import ldm_training
+from segldm_jax import parallel
 from segldm_jax import run_config
 from segldm_jax import saved_shapes
 from segldm_jax.models import build
@@ -36,7 +37,6 @@ class Start:
   resuming: bool            # a checkpoint exists (a converted one may be 0)
   optimizer: optax.GradientTransformation
   abstract_state: ldm_training.TrainState  # ShapeDtypeStructs, no weights
-  saved_config: str | None  # the workdir's config.json text when resuming
   lock: layout.WorkdirLock | None  # held by process 0 for the run's life
 
 
@@ -53,6 +53,12 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
   Raises:
     errors.UserError: the first problem found, in one line.
   """
+  # A lost peer ends this process in one line naming it and how to resume.
+  parallel.watch_peers(config.parallel.heartbeat_timeout_s,
+                       workdir / layout.CHECKPOINTS_DIR)
+  logging.info("workdir %s; %d process(es), %d device(s): %s", workdir,
+               jax.process_count(), jax.device_count(),
+               jax.devices()[0].platform)
   geometry = run_config.resolve(config)
   run_config.check_mesh(config, jax.process_count())
   if config.train.get("eval_every") and jax.process_count() > 1:
@@ -72,15 +78,12 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
   param_shapes = saved_shapes.ldm_param_shapes(build.build_model(config.model))
   abstract_state = jax.eval_shape(
       lambda p: ldm_training.init_state(p, optimizer), param_shapes)
-  saved_config = None
   if resume_from is not None:
     run_config.check_resume(config, workdir, step)
     try:
       saved_shapes.check_saved_params(workdir, step, param_shapes)
     except errors.CheckpointMismatchError as e:
       raise _resume_hint(e, workdir) from None
-    if (workdir / layout.CONFIG_FILE).is_file():
-      saved_config = (workdir / layout.CONFIG_FILE).read_text()
   # Fails now, not at a save hours later; a save that fails anyway (a disk
   # filled meanwhile) ends the run in one line too (see checkpoints).
   layout.check_free_space(
@@ -89,23 +92,27 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
   return Start(geometry=geometry, manager=manager, step=step,
                resuming=resume_from is not None,
                optimizer=optimizer, abstract_state=abstract_state,
-               saved_config=saved_config, lock=lock)
+               lock=lock)
 
 
-def initial_state(start: Start, workdir: pathlib.Path,
-                  init_fn: Callable[[jax.Array], Any], init_key: jax.Array,
-                  shardings: Any, is_main: bool):
-  """A new state, born sharded (`init_fn(init_key)` jitted with
-  `shardings`), or the checkpoint at `start.step` read into `shardings`."""
+def initial_state(start: Start, config: mlc.ConfigDict, workdir: pathlib.Path,
+                  shardings: Any) -> tuple[Any, Start]:
+  """-> (train state, start): a new state born sharded, or the newest intact
+  checkpoint read into `shardings` (a corrupt step is set aside with a
+  warning and the one before is taken, so `start.step` may move back).
+
+  Runs before the data stream is built, which starts at the step restored.
+  """
   if not start.resuming:
-    return jax.jit(init_fn, out_shardings=shardings)(init_key)
+    init = ldm_training.fresh_state_fn(build.build_model(config.model),
+                                       start.optimizer)
+    key = jax.random.fold_in(jax.random.key(config.seed), -1 % 2**31)
+    return jax.jit(init, out_shardings=shardings)(key), start
   logging.info("resuming from step %d", start.step)
   try:
-    return checkpoints.restore_train_state(
-        start.manager, start.step, start.abstract_state, shardings,
+    state, step = checkpoints.restore_latest_intact(
+        start.manager, start.abstract_state, shardings,
         jax.jit(start.optimizer.init, out_shardings=shardings.opt_state))
   except errors.CheckpointMismatchError as e:  # e.g. the optimiser's layout
-    if is_main and start.saved_config is not None:
-      # config.json was rewritten with this run's config, which never trained.
-      (workdir / layout.CONFIG_FILE).write_text(start.saved_config)
     raise _resume_hint(e, workdir) from None
+  return state, dataclasses.replace(start, step=step)

@@ -442,3 +442,60 @@ def test_real_cli_process_exits_1_with_one_line(tmp_path):
   assert r.stdout == ""
   assert not marker.exists()
   assert not (tmp_path / "out").exists()
+
+
+def _file_offset(array: np.ndarray) -> int:
+  """Where a loaded tensor's first byte sits in its (memory-mapped) file."""
+  base = array
+  while isinstance(base, np.ndarray):
+    base = base.base
+  base = base.obj if isinstance(base, memoryview) else base
+  assert isinstance(base, mmap.mmap)
+  start = np.frombuffer(base, np.uint8, count=1).__array_interface__["data"][0]
+  return array.__array_interface__["data"][0] - start
+
+
+@pytest.mark.parametrize("fixture,key", [
+    ("vq_tiny.ckpt", "decoder.up.2.attn.1.proj_out.weight"),
+    ("ldm_tiny.ckpt", "model.diffusion_model.out.2.weight"),
+])
+def test_flipped_byte_in_a_tensor_is_refused_naming_it(tmp_path, capsys,
+                                                       fixture, key):
+  tensor = torch_io.load_state_dict(FIXTURES / fixture)[key]
+  data = bytearray((FIXTURES / fixture).read_bytes())
+  at = _file_offset(tensor) + tensor.nbytes // 2
+  data[at] ^= 0x10  # one bit, in the middle of the tensor
+  path = tmp_path / fixture
+  path.write_bytes(bytes(data))
+  with zipfile.ZipFile(path) as zf:
+    entry = next(i for i in zf.infolist()
+                 if i.header_offset < at < i.header_offset + 100 + i.file_size
+                 and i.filename.split("/")[-2] == "data")
+  capsys.readouterr()
+  rc = convert_torch_ckpt.main([str(path), "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err
+  assert rc == 1
+  assert err.startswith(
+      f"error: {path}: zip entry '{entry.filename}' (tensor '{key}') fails its "
+      f"CRC-32 check (stored {entry.CRC:08x}, read "), err
+  assert err.endswith("): the file is corrupt, re-download or re-save it\n")
+  assert err.count("\n") == 1
+  assert not (tmp_path / "out").exists()
+
+
+def test_deflated_storage_with_a_flipped_byte_names_its_tensor(tmp_path):
+  path = tmp_path / "deflated.ckpt"
+  tf.save_torch(path, {"state_dict": {"a": np.zeros(64, np.float32),
+                                      "b": np.arange(64, dtype=np.float32)}},
+                compress=True)
+  with zipfile.ZipFile(path) as zf:
+    info = zf.getinfo("archive/data/1")
+  data = bytearray(path.read_bytes())
+  # The CRC field of the central directory: the data inflate fine, but no
+  # longer match it.
+  data[_central_record(data, info.filename) + 16] ^= 1
+  path.write_bytes(bytes(data))
+  with pytest.raises(torch_io.CheckpointError) as e:
+    torch_io.load_state_dict(path)
+  assert (f"zip entry 'archive/data/1' (tensor 'b') fails its CRC-32 check "
+          f"(stored {info.CRC ^ 1:08x}, read {info.CRC:08x})") in str(e.value)

@@ -763,7 +763,8 @@ def test_large_checkpoint_is_memory_mapped(tmp_path):
     expected = rows * float(np.sum(pattern + i * cols, dtype=np.float64))
     assert probe["sums"][f"t{i}"] == expected
     assert probe["firsts"][f"t{i}"] == [[i * cols + j for j in range(3)]] * 2
-  # Lazy: loading maps the file but reads (almost) nothing.
+  # Lazy: loading maps the file and checksums it, but keeps (almost) none of
+  # its pages.
   assert probe["after_load"] - probe["base_peak"] < 0.05 * file_size
   # Touching everything costs the file's pages once, not a second copy.
   assert probe["after_touch"] - probe["base_peak"] < 1.5 * file_size

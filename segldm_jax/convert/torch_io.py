@@ -8,9 +8,14 @@ OmegaConf configs, `argparse.Namespace`, ...) come back as inert
 `ForeignObject` placeholders; every other global is refused.
 
 Tensors come back as read-only numpy arrays that are views of a memory map of
-the file (torch stores zip entries uncompressed), so loading is lazy and costs
-no more memory than the pages actually read. Copy an array (`np.array(a)`) if
-you need it writable or want to close the file.
+the file (torch stores zip entries uncompressed), so loading costs no more
+memory than the pages actually read. Copy an array (`np.array(a)`) if you need
+it writable or want to close the file.
+
+Every zip entry the reader uses is checked against its CRC-32, the storages
+too: streamed over the map in chunks whose pages are let go of at once, so a
+flipped bit on disk or in a download is refused in one line naming the entry
+and its tensor, never loaded.
 
   sd = load_state_dict("model.ckpt")     # {"model.diffusion_model...": ndarray}
   ckpt = load_checkpoint("model.ckpt")   # the whole unpickled object
@@ -32,6 +37,11 @@ from typing import Any, Callable, Mapping
 
 import ml_dtypes
 import numpy as np
+
+try:  # ISA-L's CRC-32 is 4-5x zlib's (the same checksum).
+  from isal.isal_zlib import crc32 as _crc32  # pylint: disable=g-import-not-at-top
+except ImportError:  # pragma: no cover
+  _crc32 = zlib.crc32
 
 __all__ = [
     "CheckpointError",
@@ -104,6 +114,7 @@ _LEGACY_MAGIC = (0x1950a86a20f9469cfc6c).to_bytes(10, "little")
 _MAX_PICKLE_BYTES = 1 << 30  # data.pkl of a state_dict is KBs to a few MB.
 _MAX_TENSOR_NUMEL = 1 << 40  # Guards stride-0 views against absurd sizes.
 _MAX_NDIM = 64
+_CRC_CHUNK = 8 << 20  # Bytes checksummed at a time, then let go of.
 
 
 class CheckpointError(ValueError):
@@ -505,9 +516,12 @@ class _Archive:
     self._big_endian = big_endian
     self._raw: dict[str, np.ndarray] = {}
     self._storages: dict[tuple[str, np.dtype], _Storage] = {}
+    # key -> (entry name, its CRC-32, its offset in the file if mapped)
+    self._crcs: dict[str, tuple[str, int, int | None]] = {}
 
   def _raw_bytes(self, key: str) -> np.ndarray:
-    """The bytes of entry `data/<key>` as a uint8 array (a map, if STORED)."""
+    """The bytes of entry `data/<key>` as a uint8 array (a map, if STORED);
+    checked against the entry's CRC-32 by `verify`, once unpickled."""
     if key in self._raw:
       return self._raw[key]
     name = f"{self._prefix}data/{key}"
@@ -524,17 +538,66 @@ class _Archive:
                        "the file is truncated, re-download it")
       raw = np.frombuffer(self._mm, dtype=np.uint8, count=info.file_size,
                           offset=start)
+      offset = start
     else:
-      # Not written by torch, but legal zip: read (and decompress) it.
+      # Not written by torch, but legal zip: read (and decompress) it. Its
+      # CRC is checked by `verify` like a stored entry's, so that a mismatch
+      # names the tensor.
       try:
-        raw = np.frombuffer(self._zf.read(name), dtype=np.uint8)
+        with self._zf.open(name) as entry:
+          entry._expected_crc = None  # pylint: disable=protected-access
+          raw = np.frombuffer(entry.read(), dtype=np.uint8)
+        offset = None
       except (zipfile.BadZipFile, zlib.error, OSError, EOFError,
               NotImplementedError, RuntimeError) as err:  # RuntimeError:
         # an encrypted entry; NotImplementedError: unknown compression.
         raise _Problem(f"zip entry {name!r} is corrupt ({_one_line(err)}); "
                        "re-download or re-save the checkpoint") from None
     self._raw[key] = raw
+    self._crcs[key] = (name, info.CRC, offset)
     return raw
+
+  def _release(self, offset: int | None, start: int, stop: int) -> None:
+    """Drops the mapped pages of file bytes [offset + start, offset + stop)
+    from this process's memory (the page cache keeps them), so checksumming
+    leaves no more of the file resident than before. `offset` None: the
+    entry is not in the map (decompressed), nothing to drop."""
+    if offset is None or isinstance(self._mm, bytes):
+      return
+    lo = (offset + start) // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = min(offset + stop, len(self._mm))
+    try:
+      self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (OSError, ValueError, AttributeError):  # not on every system
+      pass
+
+  def verify(self, obj: Any) -> None:
+    """Checks every storage entry read against its CRC-32, streamed.
+
+    A mismatch names the entry and the first tensor of `obj` that views it.
+    """
+    for key, raw in self._raw.items():
+      name, expected, offset = self._crcs[key]
+      view = memoryview(raw)  # the map itself: no copy, pages read in turn
+      crc = 0
+      for start in range(0, raw.size, _CRC_CHUNK):
+        crc = _crc32(view[start:start + _CRC_CHUNK], crc)
+        self._release(offset, start, start + _CRC_CHUNK)
+      if crc != expected:
+        tensor = _tensor_on(obj, self._spans(key))
+        held = f" (tensor {_one_line(tensor, 120)!r})" if tensor else ""
+        raise _Problem(
+            f"zip entry {name!r}{held} fails its CRC-32 check (stored "
+            f"{expected:08x}, read {crc:08x}): the file is corrupt, "
+            "re-download or re-save it")
+
+  def _spans(self, key: str) -> list[tuple[int, int]]:
+    """Address ranges holding storage `key`'s elements (the mapped entry,
+    and the native copies of a big-endian file)."""
+    arrays = [self._raw[key]] + [s.elems for (k, _), s in self._storages.items()
+                                 if k == key]
+    return [(a.__array_interface__["data"][0],
+             a.__array_interface__["data"][0] + a.nbytes) for a in arrays]
 
   def _data_offset(self, info: zipfile.ZipInfo) -> int:
     """Start of an entry's data: after its local header (whose extra field
@@ -566,6 +629,39 @@ class _Archive:
     storage = _Storage(key, dtype, numel, elems, self._big_endian)
     self._storages[(key, dtype)] = storage
     return storage
+
+
+def _tensor_on(obj: Any, spans: list[tuple[int, int]]) -> str | None:
+  """Where in `obj` the first tensor inside `spans` sits: its state_dict
+  key, or a '/'-joined path outside the state_dict; None if none does.
+  Each container is visited once (pickles may share or nest them)."""
+  seen: set[int] = set()
+  stack: list[tuple[Any, tuple[Any, ...]]] = [(obj, ())]
+  while stack:
+    node, path = stack.pop()
+    if isinstance(node, np.ndarray):
+      if node.size:
+        address = node.__array_interface__["data"][0]
+        if any(lo <= address < hi for lo, hi in spans):
+          if path[:1] == ("state_dict",) and len(path) > 1:
+            path = path[1:]
+          return "/".join(str(p) for p in path)
+      continue
+    if id(node) in seen:
+      continue
+    seen.add(id(node))
+    if isinstance(node, Mapping):
+      children = list(node.items())
+    elif isinstance(node, (list, tuple)):
+      children = list(enumerate(node))
+    elif isinstance(node, ForeignObject):
+      children = [("args", node.args), ("kwargs", node.kwargs),
+                  ("state", node.state), ("items", node.items),
+                  ("list_items", node.list_items)]
+    else:
+      continue
+    stack.extend((v, path + (k,)) for k, v in reversed(children))
+  return None
 
 
 def _from_big_endian(elems: np.ndarray) -> np.ndarray:
@@ -717,6 +813,17 @@ def _load(path: str | os.PathLike[str],
       if pkl_info.file_size > _MAX_PICKLE_BYTES:
         raise _Problem(f"data.pkl declares {pkl_info.file_size} bytes; "
                        "refusing absurd size")
+      # zipfile would allocate what a size field claims before reading.
+      file_len = os.fstat(file.fileno()).st_size
+      for info in (pkl_info, zf.NameToInfo.get(prefix + "byteorder")):
+        if info is not None and (info.compress_size > file_len or (
+            info.compress_type == zipfile.ZIP_STORED and
+            info.file_size > file_len)):
+          raise _Problem(
+              f"zip entry {_one_line(info.filename)!r} declares "
+              f"{max(info.compress_size, info.file_size)} bytes, more than the "
+              f"file's {file_len}; the file is truncated or corrupt, "
+              "re-download it")
       try:
         data = zf.read(pkl_info)
         byteorder = (zf.read(prefix + "byteorder").strip()
@@ -738,7 +845,7 @@ def _load(path: str | os.PathLike[str],
       archive = _Archive(zf, mm, prefix, byteorder == b"big")
       unpickler = (unpickler_cls or _RestrictedUnpickler)(data, archive)
       try:
-        return unpickler.load()
+        obj = unpickler.load()
       except _Problem:
         raise
       except RecursionError:
@@ -749,6 +856,8 @@ def _load(path: str | os.PathLike[str],
         raise _Problem(
             f"corrupt or unsupported pickle in data.pkl ({_describe(err)})"
         ) from err
+      archive.verify(obj)
+      return obj
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Any:

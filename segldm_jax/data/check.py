@@ -25,7 +25,7 @@ from PIL import ImageFile
 import tqdm
 
 from segldm_jax.data import pipeline
-from segldm_jax.data.base import RECORD_ERRORS, SKIPPED, DataError, PairSource
+from segldm_jax.data.base import SKIPPED, DataError, PairSource
 
 _log = logging.getLogger(__name__)
 

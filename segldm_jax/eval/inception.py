@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
 from typing import Any, Callable, Iterable, Sequence
 
 import flax.linen as nn
@@ -271,7 +272,7 @@ def preprocess(images: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
-def weights_path() -> "pathlib.Path":  # noqa: F821
+def weights_path() -> pathlib.Path:
   return weights.package_file(WEIGHTS_PACKAGE, WEIGHTS_FILE)
 
 
