@@ -20,6 +20,9 @@ import pytest
 from PIL import Image
 
 from configs import seg_f4
+# train.py runs as tests/test_train_e2e.py runs it (one device, the
+# session's compilation cache).
+from test_train_e2e import env  # pylint: disable=unused-import
 from segldm_jax import errors
 from segldm_jax import run_config
 from segldm_jax.data import DataError, FolderSource, IGNORE_ID, load_record
@@ -238,27 +241,26 @@ def test_tfds_per_pixel_classes_with_the_readme_keys(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   stored, ids = BANDS["cityscapes"]
 
+  features = tfds.features.FeaturesDict({
+      "image_left": tfds.features.Image(shape=(None, None, 3)),
+      "segmentation_label": tfds.features.Image(shape=(None, None, 1))})
   with tfds.core.registered.skip_registration():
 
     class CityscapesLike(tfds.core.GeneratorBasedBuilder):
       VERSION = tfds.core.Version("1.0.0")
 
       def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=(
-            tfds.features.FeaturesDict({
-                "image_left": tfds.features.Image(shape=(None, None, 3)),
-                "segmentation_label": tfds.features.Image(
-                    shape=(None, None, 1))})))
+        return tfds.core.DatasetInfo(builder=self, features=features)
 
       def _split_generators(self, dl_manager):
         del dl_manager
-        return {"train": self._generate_examples(2),
-                "validation": self._generate_examples(1)}
+        return {split: self._generate_examples(count)
+                for split, count in (("train", 2), ("validation", 1))}
 
       def _generate_examples(self, count):
-        for i in range(count):
-          yield i, {"image_left": _png(_photo(i)),
-                    "segmentation_label": _png(_bands(stored))}
+        return ((i, {"image_left": _png(_photo(i)),
+                     "segmentation_label": _png(_bands(stored))})
+                for i in range(count))
 
   data_dir = str(tmp_path / "tfds")
   CityscapesLike(data_dir=data_dir,
@@ -274,16 +276,12 @@ def test_tfds_per_pixel_classes_with_the_readme_keys(tmp_path):
     for i in range(count):
       np.testing.assert_array_equal(source[i]["labels"], _bands(ids))
   assert check.check_data(data, progress=False).num_checked == 3
-
-
-@pytest.fixture(scope="module")
-def env():
-  e = dict(os.environ)
-  # As tests/test_train_e2e.py: one device, the session's compilation cache.
-  e.update(JAX_PLATFORMS="cpu", XLA_FLAGS="",
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return e
+  # What a user reaching for ADE20K in TFDS is told.
+  data.tfds_name = "scene_parse150"
+  assert check.check_data(data, progress=False).error == (
+      "TFDS scene_parse150's annotations are instance maps of 100 thing "
+      "classes without stuff, not the 150-class ADE20K benchmark maps: train "
+      "on ADEChallengeData2016 with configs/seg_f4.py:ade20k")
 
 
 @pytest.mark.parametrize("name", list(BANDS))
