@@ -74,8 +74,26 @@ tests/test_datasets.py trains each variant 3 steps on look-alike folders.
           python train.py --config configs/seg_f4.py:cityscapes \
               --workdir runs/cityscapes --config.data.root=DATA/cityscapes \
               --config.first_stage.checkpoint=checkpoints/vq-f4
-Any other folder pair: `--config.data.image_suffix=... --config.data.mask_suffix=...`
-(image REL + image_suffix pairs with mask REL + mask_suffix).
+Any other folder pair: `--config.data.image_suffix=...
+--config.data.mask_suffix=...` (image REL + image_suffix pairs with mask REL +
+mask_suffix; other files are not records).
+
+TFDS, a dataset of per-pixel classes: TFDS's `cityscapes/semantic_segmentation`
+stores each `*_gtFine_labelIds.png` as `segmentation_label`, so the cityscapes
+variant's labels apply. Build it once where TensorFlow is installed (TFDS
+needs it to build, not to read), with the two Cityscapes zips in DOWNLOADS:
+  tfds build cityscapes --config=semantic_segmentation --manual_dir=DOWNLOADS \
+      --data_dir=DATA/tfds --file_format=array_record
+  python train.py --config configs/seg_f4.py:cityscapes --workdir runs/cityscapes \
+      --config.data.source=tfds --config.data.tfds_data_dir=DATA/tfds \
+      --config.data.tfds_name=cityscapes/semantic_segmentation \
+      --config.data.image_key=image_left --config.data.mask_key=segmentation_label \
+      --config.data.tfds_split=train --config.data.tfds_val_split=validation \
+      --config.first_stage.checkpoint=checkpoints/vq-f4
+TFDS `scene_parse150` is not ADE20K's benchmark: its annotations are instance
+maps of 100 thing classes without stuff (the 2017 challenge's
+annotations_instance), not the 150-class maps; it is refused in one line. Use
+`:ade20k` on ADEChallengeData2016.
 
 Every field can be overridden: `--config.train.batch_size=16`.
 """
