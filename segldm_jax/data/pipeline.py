@@ -217,7 +217,7 @@ def folder_dirs(data_config: Any, split: str = "train") -> tuple[str, str]:
                       + (" for its validation split" if prefix else ""))
   root = _field(data_config, "root")
   dataset = _field(data_config, "dataset")
-  if dataset and not root:
+  if dataset and not root and not all(os.path.isabs(d) for d in dirs):
     raise ConfigError(f"data.dataset={dataset!r} reads {dirs[0]} and "
                       f"{dirs[1]} under the dataset's root folder: pass "
                       f"--config.data.root=DIR")
