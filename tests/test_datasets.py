@@ -180,6 +180,11 @@ def test_cityscapes_label_train_ids_are_selected_by_suffix(roots, tmp_path):
       "data.remap='cityscapes' maps labelIds, but data.mask_suffix="
       "'_gtFine_labelTrainIds.png' reads train ids already: pass "
       "--config.data.remap=")
+  report = check.check_data(_data("cityscapes", root, mask_suffix=suffix),
+                            progress=False)
+  assert report.summary() == (
+      "data check FAILED: cannot open the dataset "
+      f"({root / 'leftImg8bit/train'})\n  {error.value}")
 
 
 def test_wrong_suffix_or_unpaired_file_is_one_line_naming_it(roots, tmp_path):

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import ImageFile
 import tqdm
 
+from segldm_jax import errors
 from segldm_jax.data import pipeline
 from segldm_jax.data.base import RECORD_ERRORS, SKIPPED, DataError, PairSource
 
@@ -98,7 +99,7 @@ def _files(raw: Any) -> tuple[str, ...]:
 def _reason(error: BaseException) -> str:
   """Why a record is bad, in one line: our message as is, others typed."""
   text = " ".join(str(error).split()) or "(no message)"
-  return text if isinstance(error, DataError) else (
+  return text if isinstance(error, errors.UserError) else (
       f"{type(error).__name__}: {text}")
 
 
@@ -172,7 +173,8 @@ def check_data(data_config: Any, *, progress: bool = True,
     except (DataError, OSError, ValueError) as e:
       get = (data_config.get if hasattr(data_config, "get")
              else lambda k: getattr(data_config, k, None))
-      where = get("image_dir") or get("tfds_name") or get("source")
+      where = (os.path.join(get("root") or "", get("image_dir") or "")
+               if get("image_dir") else get("tfds_name") or get("source"))
       return CheckReport(source=str(where), error=_reason(e))
     one = check_source(source, progress=progress, num_threads=num_threads)
     report.source += (f"; {split}: " if report.source else "") + one.source
