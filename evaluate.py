@@ -14,7 +14,7 @@ project (ADE20K ids: 0 = unlabeled, 1..150) and, for the built-in synthetic
 scenes, their exact colour segmenter.
 
 `--workdir` samples the run's validation masks with its EMA weights
-(data.val_image_dir / data.val_mask_dir for folder data, data.val_tfds_split
+(data.val_image_dir / data.val_mask_dir for folder data, data.tfds_val_split
 for TFDS, held-out scenes for the synthetic source) and writes
 W/eval_step<S>/eval.json (every figure and the protocol) and a picture
 (mask | real | samples). Real-set features are cached in W/eval_cache/.

@@ -33,6 +33,67 @@ Variants (`--config configs/seg_f4.py:VARIANT`):
         0.71 over 64 masks with seeds 0 / 1).
   tiny  The reference recipe at reduced width for tests and smoke runs
         (same structure: attention only in the middle, 2 rescaler stages).
+        It can follow a dataset variant, `:ade20k,tiny`, for a smoke run on
+        the real folders.
+
+Datasets by name: the reference recipe on a dataset exactly as its owners
+ship it (folders, file suffixes, label ids), given its root folder. The
+rescaler takes the dataset's class count; validation folders are read by
+`--check_data` and for `sample.py`'s dataset masks, never by training.
+Check the folders first: the same command with `--check_data` decodes every
+record of both splits and prints `data check OK: N of N records checked, 0
+bad` (N as shipped below) or names each bad file. Hardware: as the
+reference. Training on the full datasets has not been measured here;
+tests/test_datasets.py trains each variant 3 steps on look-alike folders.
+  ade20k      ADEChallengeData2016.zip (the MIT Scene Parsing benchmark):
+              images/{training,validation}/ADE_*.jpg with
+              annotations/{training,validation}/ADE_*.png; 150 classes
+              (stored 1..150 -> ids 0..149), 0 "other" ignored. N = 22210
+              (20210 training + 2000 validation).
+          python train.py --config configs/seg_f4.py:ade20k \
+              --workdir runs/ade20k --config.data.root=DATA/ADEChallengeData2016 \
+              --config.first_stage.checkpoint=checkpoints/vq-f4
+  coco_stuff  COCO 2017 images (train2017.zip, val2017.zip) in images/ and
+              stuffthingmaps_trainval2017.zip in annotations/, as
+              cocostuff's getCocoStuff.sh lays them out:
+              images/{train2017,val2017}/*.jpg with
+              annotations/{train2017,val2017}/*.png; 182 classes (0..181,
+              unused COCO ids included, the palette's order), 255
+              unlabeled. N = 123287 (118287 + 5000).
+          python train.py --config configs/seg_f4.py:coco_stuff \
+              --workdir runs/coco_stuff --config.data.root=DATA/cocostuff \
+              --config.first_stage.checkpoint=checkpoints/vq-f4
+  cityscapes  leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip
+              unpacked in one folder: leftImg8bit/{train,val}/CITY/
+              *_leftImg8bit.png with gtFine/{train,val}/CITY/
+              *_gtFine_labelIds.png, remapped to the 19 train ids (every
+              other id ignored). With the `*_gtFine_labelTrainIds.png` that
+              cityscapesScripts' createTrainIdLabelImgs.py writes, add
+              `--config.data.mask_suffix=_gtFine_labelTrainIds.png
+              --config.data.remap=`. N = 3475 (2975 + 500).
+          python train.py --config configs/seg_f4.py:cityscapes \
+              --workdir runs/cityscapes --config.data.root=DATA/cityscapes \
+              --config.first_stage.checkpoint=checkpoints/vq-f4
+Any other folder pair: `--config.data.image_suffix=...
+--config.data.mask_suffix=...` (image REL + image_suffix pairs with mask REL +
+mask_suffix; other files are not records).
+
+TFDS, a dataset of per-pixel classes: TFDS's `cityscapes/semantic_segmentation`
+stores each `*_gtFine_labelIds.png` as `segmentation_label`, so the cityscapes
+variant's labels apply. Build it once where TensorFlow is installed (TFDS
+needs it to build, not to read), with the two Cityscapes zips in DOWNLOADS:
+  tfds build cityscapes --config=semantic_segmentation --manual_dir=DOWNLOADS \
+      --data_dir=DATA/tfds --file_format=array_record
+  python train.py --config configs/seg_f4.py:cityscapes --workdir runs/cityscapes \
+      --config.data.source=tfds --config.data.tfds_data_dir=DATA/tfds \
+      --config.data.tfds_name=cityscapes/semantic_segmentation \
+      --config.data.image_key=image_left --config.data.mask_key=segmentation_label \
+      --config.data.tfds_split=train --config.data.tfds_val_split=validation \
+      --config.first_stage.checkpoint=checkpoints/vq-f4
+TFDS `scene_parse150` is not ADE20K's benchmark: its annotations are instance
+maps of 100 thing classes without stuff (the 2017 challenge's
+annotations_instance), not the 150-class maps; it is refused in one line. Use
+`:ade20k` on ADEChallengeData2016.
 
 Every field can be overridden: `--config.train.batch_size=16`.
 """
@@ -76,11 +137,41 @@ def _vq_f4(ch, n_embed, resolution, num_res_blocks=2, ch_mult=(1, 2, 4)):
       "dropout": 0.0}}
 
 
+# Each dataset as shipped: folders under data.root, file suffixes, labels.
+DATASETS = {
+    "ade20k": dict(
+        num_classes=150, ignore_label=0, remap="ade20k",
+        image_dir="images/training", mask_dir="annotations/training",
+        val_image_dir="images/validation",
+        val_mask_dir="annotations/validation",
+        image_suffix=".jpg", mask_suffix=".png"),
+    "coco_stuff": dict(
+        num_classes=182, ignore_label=255, remap="",
+        image_dir="images/train2017", mask_dir="annotations/train2017",
+        val_image_dir="images/val2017", val_mask_dir="annotations/val2017",
+        image_suffix=".jpg", mask_suffix=".png"),
+    "cityscapes": dict(
+        num_classes=19, ignore_label=255, remap="cityscapes",
+        image_dir="leftImg8bit/train", mask_dir="gtFine/train",
+        val_image_dir="leftImg8bit/val", val_mask_dir="gtFine/val",
+        image_suffix="_leftImg8bit.png", mask_suffix="_gtFine_labelIds.png"),
+}
+
+
+def _reference_model(num_classes):
+  unet = {"model_channels": 128, "attention_resolutions": [32, 16, 8],
+          "num_res_blocks": 2, "channel_mult": [1, 4, 8], "num_heads": 8}
+  return _model(256, num_classes, unet, _vq_f4(128, 8192, 256))
+
+
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   variant = arg or "reference"
-  if variant not in ("reference", "demo", "tiny"):
+  dataset, _, size = variant.partition(",")
+  known = ("reference", "demo", "tiny", *DATASETS)
+  if dataset not in known or size not in ("", "tiny") or (
+      size and dataset not in DATASETS):
     raise ValueError(f"configs/seg_f4.py: unknown variant {variant!r}; "
-                     "choose one of reference, demo, tiny")
+                     f"choose one of {', '.join(known)}, or DATASET,tiny")
   c = mlc.ConfigDict()
   c.variant = variant
   c.seed = 0
@@ -88,12 +179,18 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # --- data: folder | tfds | synthetic -------------------------------------
   c.data = mlc.ConfigDict()
   c.data.source = "folder"
-  c.data.image_dir = ""
+  c.data.dataset = ""               # ade20k | coco_stuff | cityscapes: a
+  c.data.root = ""                  # known layout under this root folder
+  c.data.image_dir = ""             # relative to data.root when it is set
   c.data.mask_dir = ""
+  c.data.val_image_dir = ""         # validation split (never trained on)
+  c.data.val_mask_dir = ""
+  c.data.image_suffix = ""          # "": any image extension
+  c.data.mask_suffix = ""           # "": .png
   c.data.num_classes = 182          # COCO-Stuff ids 0..181 (sflckr)
   c.data.ignore_label = mlc.config_dict.placeholder(int)  # 255 COCO-Stuff, 0 ADE20K
   c.data.palette = ""               # JSON/text palette for RGB label PNGs
-  c.data.remap = ""                 # optional JSON {old_id: new_id}
+  c.data.remap = ""                 # JSON {old_id: new_id}, ade20k, cityscapes
   c.data.skip_unpaired = False
   # error | skip: a record that fails to decode stops the run naming its
   # file, or is replaced by the next good one and counted (bad_records in
@@ -102,6 +199,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.image_size = 256
   c.data.tfds_name = ""
   c.data.tfds_split = "train"
+  c.data.tfds_val_split = ""
   c.data.tfds_data_dir = ""
   c.data.image_key = "image"
   c.data.mask_key = "segmentation_mask"
@@ -124,9 +222,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.first_stage.quantize_warmup_steps = 100  # see make_vq_train_step
 
   # --- model: the LDM node (same schema as a latent-diffusion YAML) --------
-  unet = {"model_channels": 128, "attention_resolutions": [32, 16, 8],
-          "num_res_blocks": 2, "channel_mult": [1, 4, 8], "num_heads": 8}
-  c.model = _model(256, 182, unet, _vq_f4(128, 8192, 256))
+  c.model = _reference_model(182)
 
   # --- optimisation ---------------------------------------------------------
   c.train = mlc.ConfigDict()
@@ -166,9 +262,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.eval.diversity_masks = 4        # masks sampled K times for LPIPS diversity
   c.eval.diversity_samples = 3      # K
   c.eval.segmenter = ""             # "" = by data (synthetic, ade20k) or none
-  c.data.val_image_dir = ""         # folder source: the validation split
-  c.data.val_mask_dir = ""
-  c.data.val_tfds_split = ""        # tfds source, e.g. "validation"
   c.data.val_seed = 0               # synthetic: held-out family (0 = seed + 1000003)
 
   # --- mesh and sharding (big_vision style rule lists) ---------------------
@@ -187,9 +280,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # survivors are not held for jax's default (100 s) before a restart.
   c.parallel.heartbeat_timeout_s = 60
 
-  if variant == "demo":
+  if dataset in DATASETS:
+    c.data.dataset = dataset
+    c.data.update(DATASETS[dataset])
+    c.model = _reference_model(c.data.num_classes)
+  if dataset == "demo":
     _demo(c)
-  elif variant == "tiny":
+  elif "tiny" in (dataset, size):
     _tiny(c)
   return c
 
@@ -245,7 +342,7 @@ def _demo(c):
 
 def _tiny(c):
   c.data.image_size = 32
-  c.model = _model(32, 182,
+  c.model = _model(32, c.data.num_classes,
                    {"model_channels": 32, "attention_resolutions": [32, 16, 8],
                     "num_res_blocks": 1, "channel_mult": [1, 2, 2],
                     "num_heads": 4},

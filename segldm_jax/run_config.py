@@ -125,6 +125,9 @@ def validate(config: mlc.ConfigDict) -> Geometry:
                       "data.mask_dir (--config.data.image_dir=DIR "
                       "--config.data.mask_dir=DIR), or use "
                       "--config.data.source=synthetic")
+  if config.data.source == "folder":
+    from segldm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    pipeline.folder_dirs(config.data)  # a named dataset needs data.root
   if config.data.source == "tfds" and not config.data.tfds_name:
     raise ConfigError("data.source='tfds' needs data.tfds_name")
   t = config.train

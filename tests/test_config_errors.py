@@ -132,7 +132,8 @@ def test_config_file_errors_are_one_line(tmp_path):
   assert cli.flag_error(argv, e.value) == (
       "flag --config=configs/seg_f4.py:bogus: Error whilst parsing config "
       "file: ValueError: configs/seg_f4.py: unknown variant 'bogus'; choose "
-      "one of reference, demo, tiny")
+      "one of reference, demo, tiny, ade20k, coco_stuff, cityscapes, or "
+      "DATASET,tiny")
 
 
 def test_train_py_reports_an_unknown_key_in_one_line(tmp_path):

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import ImageFile
 import tqdm
 
+from segldm_jax import errors
 from segldm_jax.data import pipeline
 from segldm_jax.data.base import SKIPPED, DataError, PairSource
 
@@ -38,12 +39,14 @@ class Problem:
   index: int
   files: tuple[str, ...]
   reason: str
+  split: str = ""  # "val" for the validation split's records
 
   def describe(self) -> str:
+    record = f"{self.split} record" if self.split else "record"
     # Our errors name their file already; others get the files prepended.
     if not self.files or any(f in self.reason for f in self.files):
-      return f"record {self.index}: {self.reason}"
-    return f"record {self.index} ({', '.join(self.files)}): {self.reason}"
+      return f"{record} {self.index}: {self.reason}"
+    return f"{record} {self.index} ({', '.join(self.files)}): {self.reason}"
 
 
 @dataclasses.dataclass
@@ -96,7 +99,7 @@ def _files(raw: Any) -> tuple[str, ...]:
 def _reason(error: BaseException) -> str:
   """Why a record is bad, in one line: our message as is, others typed."""
   text = " ".join(str(error).split()) or "(no message)"
-  return text if isinstance(error, DataError) else (
+  return text if isinstance(error, errors.UserError) else (
       f"{type(error).__name__}: {text}")
 
 
@@ -155,19 +158,32 @@ def check_source(source: PairSource, *, progress: bool = True,
 
 def check_data(data_config: Any, *, progress: bool = True,
                num_threads: int | None = None) -> CheckReport:
-  """``check_source`` on the source a data config describes.
+  """``check_source`` on the sources a data config describes: the training
+  split, then the validation split when one is set (its problems say
+  "val record N").
 
   A source that cannot be built (missing or empty folder, unpaired files, a
   bad palette) gives a failed report carrying that one error.
   """
-  try:
-    source = pipeline.make_source(data_config)
-  except (DataError, OSError, ValueError) as e:
-    get = (data_config.get if hasattr(data_config, "get")
-           else lambda k: getattr(data_config, k, None))
-    where = get("image_dir") or get("tfds_name") or get("source")
-    return CheckReport(source=str(where), error=_reason(e))
-  return check_source(source, progress=progress, num_threads=num_threads)
+  splits = ["train"] + (["val"] if pipeline.has_val_split(data_config) else [])
+  report = CheckReport(source="")
+  for split in splits:
+    try:
+      source = pipeline.make_source(data_config, split)
+    except (DataError, OSError, ValueError) as e:
+      get = (data_config.get if hasattr(data_config, "get")
+             else lambda k: getattr(data_config, k, None))
+      where = (os.path.join(get("root") or "", get("image_dir") or "")
+               if get("image_dir") else get("tfds_name") or get("source"))
+      return CheckReport(source=str(where), error=_reason(e))
+    one = check_source(source, progress=progress, num_threads=num_threads)
+    report.source += (f"; {split}: " if report.source else "") + one.source
+    report.num_records += one.num_records
+    report.num_checked += one.num_checked
+    tag = "" if split == "train" else split
+    report.problems += [dataclasses.replace(p, split=tag)
+                        for p in one.problems]
+  return report
 
 
 class BadRecordLog:

@@ -3,6 +3,11 @@
 ``image_dir/<rel>/<name>.<jpg|jpeg|png|webp|bmp>`` pairs with
 ``mask_dir/<rel>/<name>.png``: pairing is by relative path without the
 extension (never by sorted position), through any depth of sub-folders.
+With suffixes, image ``REL + image_suffix`` pairs with mask ``REL +
+mask_suffix`` and other files are not records, e.g. Cityscapes'
+``leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png`` with
+``gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png`` beside that
+folder's ``*_color.png``, ``*_instanceIds.png`` and ``*_polygons.json``.
 The source yields file paths; ``DecodePair`` (its ``decoder``) reads them
 inside the grain pipeline, i.e. in grain's worker processes. EXIF rotation is
 not applied: label maps are aligned with the stored pixels.
@@ -30,21 +35,31 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _log = logging.getLogger(__name__)
 
 
-def scan_tree(root: str, extensions: tuple[str, ...],
-              what: str) -> dict[str, str]:
+def scan_tree(root: str, extensions: tuple[str, ...], what: str,
+              suffix: str = "") -> dict[str, str]:
   """Maps ``relative/path/stem`` -> file path for files under ``root``.
 
-  Hidden files and folders (leading dot) are skipped; extensions match
-  case-insensitively.
+  Without ``suffix``: files whose extension (case-insensitive) is one of
+  ``extensions``, keyed without it. With ``suffix``: files whose name ends
+  in it exactly, keyed without it. Hidden files and folders (leading dot)
+  are skipped.
   """
   if not os.path.isdir(root):
     raise DataError(f"{what} directory does not exist: {root}")
   found: dict[str, str] = {}
+  other = None  # a file that did not match, for the error message
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
     dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
     for name in sorted(filenames):
-      stem, ext = os.path.splitext(name)
-      if name.startswith(".") or ext.lower() not in extensions:
+      if name.startswith("."):
+        continue
+      if suffix:
+        stem = name[:-len(suffix)] if name.endswith(suffix) else None
+      else:
+        stem, ext = os.path.splitext(name)
+        stem = stem if ext.lower() in extensions else None
+      if stem is None:
+        other = other or os.path.join(dirpath, name)
         continue
       path = os.path.join(dirpath, name)
       key = os.path.relpath(os.path.join(dirpath, stem), root)
@@ -54,6 +69,10 @@ def scan_tree(root: str, extensions: tuple[str, ...],
                         f"{found[key]} and {path}")
       found[key] = path
   if not found:
+    if suffix:
+      seen = f" ({other} is there)" if other else ""
+      raise DataError(f"no {what} files ending in {suffix!r} found under "
+                      f"{root}{seen}; check data.{what}_suffix")
     raise DataError(f"no {what} files ({', '.join(extensions)}) found under "
                     f"{root}")
   return found
@@ -132,14 +151,19 @@ class FolderSource:
     ignore_label: stored value meaning "no class" (255 COCO-Stuff, 0 ADE20K,
       None for sflckr); becomes ``IGNORE_ID``.
     palette: path (see ``segldm_jax.data.labels``) for RGB colour masks.
-    remap: dict or JSON path, stored value -> class id.
+    remap: dict, JSON path or built-in name, stored value -> class id.
     skip_unpaired: log a warning and skip files without a partner instead
       of raising.
+    image_suffix: images are the files ending in it ("" = any image
+      extension), e.g. "_leftImg8bit.png".
+    mask_suffix: masks are the files ending in it ("" = ".png"), e.g.
+      "_gtFine_labelIds.png".
   """
 
   def __init__(self, image_dir: str, mask_dir: str, *, num_classes: int,
                ignore_label: int | None = None, palette: Any = None,
-               remap: Any = None, skip_unpaired: bool = False):
+               remap: Any = None, skip_unpaired: bool = False,
+               image_suffix: str = "", mask_suffix: str = ""):
     self.image_dir = os.fspath(image_dir)
     self.mask_dir = os.fspath(mask_dir)
     if os.path.abspath(self.image_dir) == os.path.abspath(self.mask_dir):
@@ -147,15 +171,24 @@ class FolderSource:
                       f"{self.image_dir}")
     self.spec = LabelSpec.create(num_classes, ignore_label=ignore_label,
                                  palette=palette, remap=remap)
-    images = scan_tree(self.image_dir, IMAGE_EXTENSIONS, "image")
-    masks = scan_tree(self.mask_dir, MASK_EXTENSIONS, "mask")
+    images = scan_tree(self.image_dir, IMAGE_EXTENSIONS, "image", image_suffix)
+    masks = scan_tree(self.mask_dir, MASK_EXTENSIONS, "mask", mask_suffix)
     no_mask = sorted(images.keys() - masks.keys())
     no_image = sorted(masks.keys() - images.keys())
     if no_mask or no_image:
-      message = (f"unpaired files (pairs match by relative path without "
-                 f"extension): images without a mask in {self.mask_dir}: "
-                 f"{_listing(no_mask, images)}; masks without an image in "
-                 f"{self.image_dir}: {_listing(no_image, masks)}")
+      image_end = image_suffix or f".<{'|'.join(IMAGE_EXTENSIONS)}>"
+      mask_end = mask_suffix or MASK_EXTENSIONS[0]
+      unpaired = []
+      if no_mask:
+        first = os.path.join(self.mask_dir, no_mask[0] + mask_end)
+        unpaired.append(f"images without a mask in {self.mask_dir}: "
+                        f"{_listing(no_mask, images)}, e.g. no {first}")
+      if no_image:
+        first = os.path.join(self.image_dir, no_image[0] + image_end)
+        unpaired.append(f"masks without an image in {self.image_dir}: "
+                        f"{_listing(no_image, masks)}, e.g. no {first}")
+      message = (f"unpaired files (image REL{image_end} pairs with mask "
+                 f"REL{mask_end}): {'; '.join(unpaired)}")
       if not skip_unpaired:
         raise DataError(message + "; pass skip_unpaired=True to skip them")
       _log.warning("skipping %s", message)

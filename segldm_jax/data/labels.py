@@ -21,7 +21,14 @@ Palette file formats (``palette=`` path):
 * any other suffix: text lines ``id r g b`` (spaces or commas), ``#`` starts
   a comment, blank lines are skipped.
 
-Remap (``remap=`` dict or path to a JSON object ``{"<stored>": <new>}``).
+Remap (``remap=`` dict, path to a JSON object ``{"<stored>": <new>}``, or
+the name of a built-in table, ``BUILTIN_REMAPS``):
+
+* ``"ade20k"``: ADEChallengeData2016's 1..150 -> 0..149 (0 "other" is
+  ``ignore_label=0``);
+* ``"cityscapes"``: Cityscapes ``*_gtFine_labelIds.png`` ids 0..33 -> the 19
+  train ids of cityscapesScripts' ``labels.py``, every other id -> ignored
+  (what its ``createTrainIdLabelImgs.py`` writes as ``*_labelTrainIds.png``).
 """
 from __future__ import annotations
 
@@ -121,9 +128,28 @@ def load_palette(palette: Any) -> tuple[np.ndarray, np.ndarray]:
   return colours, ids
 
 
+# Cityscapes labelId -> trainId for the 19 evaluated classes (road, sidewalk,
+# building, wall, fence, pole, traffic light, traffic sign, vegetation,
+# terrain, sky, person, rider, car, truck, bus, train, motorcycle, bicycle).
+_CITYSCAPES_TRAIN_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24,
+                               25, 26, 27, 28, 31, 32, 33)
+BUILTIN_REMAPS = {
+    "ade20k": {v: v - 1 for v in range(1, 151)},
+    "cityscapes": {**{v: IGNORE_ID for v in range(34)},
+                   **{v: t for t, v in enumerate(_CITYSCAPES_TRAIN_LABEL_IDS)}},
+}
+
+
 def load_remap(remap: Any) -> dict[int, int]:
-  """Reads a remap: a mapping or a path to a JSON object ``{stored: new}``."""
+  """Reads a remap: a mapping, a built-in name (``BUILTIN_REMAPS``) or a path
+  to a JSON object ``{stored: new}``."""
   where = "remap"
+  if isinstance(remap, str) and remap in BUILTIN_REMAPS:
+    return dict(BUILTIN_REMAPS[remap])
+  if isinstance(remap, str) and not os.path.exists(remap) and not (
+      os.sep in remap or remap.lower().endswith(".json")):
+    raise DataError(f"remap {remap!r} is neither a built-in table "
+                    f"({', '.join(BUILTIN_REMAPS)}) nor a JSON file")
   if isinstance(remap, (str, os.PathLike)):
     where = f"remap file {os.fspath(remap)}"
     try:

@@ -138,11 +138,13 @@ def read_photo(path: pathlib.Path, shape: tuple[int, int]) -> np.ndarray:
 
 def dataset_masks(data_config: Any, size: int, count: int, seed: int
                   ) -> tuple[list[str], np.ndarray, Any]:
-  """The first `count` masks of the config's dataset (centre crops; the
-  synthetic source renders at `size`) -> (names, ids, source)."""
+  """The first `count` masks of the config's dataset, from its validation
+  split when it has one (centre crops; the synthetic source renders at
+  `size`) -> (names, ids, source)."""
   data = data_config.copy_and_resolve_references()
   data.image_size = size
-  source = pipeline.make_source(data)
+  source = pipeline.make_source(
+      data, "val" if pipeline.has_val_split(data) else "train")
   ds = pipeline.make_dataset(source, image_size=size, batch_size=count,
                              seed=seed, train=False, shard_index=0,
                              shard_count=1, drop_remainder=False)

@@ -13,6 +13,7 @@ iterator continues at exactly the next batch.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from absl import flags
@@ -28,6 +29,7 @@ from segldm_jax.data.tfds_source import TfdsSource
 from segldm_jax.data.transforms import (CenterCrop, RandomCrop,
                                         RandomHorizontalFlip,
                                         ResizeShorterSide)
+from segldm_jax.errors import ConfigError
 
 
 def _derived_seed(seed: int, shard_index: int, purpose: int) -> int:
@@ -191,7 +193,40 @@ def label_spec(data_config: Any, *, ignore_default: int | None = None
   return LabelSpec.create(_field(data_config, "num_classes"), **fields)
 
 
-def make_source(data_config: Any) -> PairSource:
+SPLITS = ("train", "val")
+
+
+def has_val_split(data_config: Any) -> bool:
+  """Whether the config names a validation split (folder: both
+  ``val_image_dir`` and ``val_mask_dir``; tfds: ``tfds_val_split``)."""
+  kind = _field(data_config, "source")
+  if kind == "folder":
+    return bool(_field(data_config, "val_image_dir") and
+                _field(data_config, "val_mask_dir"))
+  return kind == "tfds" and bool(_field(data_config, "tfds_val_split"))
+
+
+def folder_dirs(data_config: Any, split: str = "train") -> tuple[str, str]:
+  """The folder source's (image dir, mask dir) of a split, relative paths
+  taken from ``root`` when it is set."""
+  prefix = "val_" if split == "val" else ""
+  keys = f"data.{prefix}image_dir", f"data.{prefix}mask_dir"
+  dirs = [_field(data_config, k.split(".")[1]) for k in keys]
+  if not all(dirs):
+    raise ConfigError(f"source 'folder' needs {keys[0]} and {keys[1]}"
+                      + (" for its validation split" if prefix else ""))
+  root = _field(data_config, "root")
+  dataset = _field(data_config, "dataset")
+  if dataset and not root and not all(os.path.isabs(d) for d in dirs):
+    raise ConfigError(f"data.dataset={dataset!r} reads {dirs[0]} and "
+                      f"{dirs[1]} under the dataset's root folder: pass "
+                      f"--config.data.root=DIR")
+  # os.path.join keeps an absolute dir as it is.
+  return tuple(os.path.join(os.path.expanduser(root or ""),
+                            os.path.expanduser(d)) for d in dirs)
+
+
+def make_source(data_config: Any, split: str = "train") -> PairSource:
   """Builds the source a data config describes.
 
   Fields (``ml_collections.ConfigDict``, dict or object; "" means unset):
@@ -201,42 +236,64 @@ def make_source(data_config: Any) -> PairSource:
   * ``ignore_label``: stored value that means "no class" (255 COCO-Stuff,
     0 ADE20K, None sflckr) -> ``IGNORE_ID`` (folder, tfds).
   * ``palette``: palette file for RGB colour masks (folder, tfds).
-  * ``remap``: dict or JSON path, stored value -> class id (folder, tfds).
-  * folder: ``image_dir``, ``mask_dir``, ``skip_unpaired`` (bool).
+  * ``remap``: dict, JSON path or built-in name ("ade20k", "cityscapes"),
+    stored value -> class id (folder, tfds).
+  * folder: ``image_dir``, ``mask_dir`` (validation: ``val_image_dir``,
+    ``val_mask_dir``), relative to ``root`` when set; ``image_suffix``,
+    ``mask_suffix`` (pairing, see ``FolderSource``); ``skip_unpaired``
+    (bool); ``dataset`` (a known layout's name, for messages).
   * ``bad_records`` ("error" | "skip") is not read here but passed to
     ``make_dataset``.
-  * tfds: ``tfds_name``, ``tfds_split`` (default "train"),
-    ``tfds_data_dir``, ``image_key`` (default "image"), ``mask_key``
-    (default "segmentation_mask").
+  * tfds: ``tfds_name``, ``tfds_split`` (default "train"; validation:
+    ``tfds_val_split``), ``tfds_data_dir``, ``image_key`` (default
+    "image"), ``mask_key`` (default "segmentation_mask").
   * synthetic: ``num_records``, ``image_size`` (rendered side), ``seed``
     (scene family, default 0).
+
+  Args:
+    data_config: the fields above.
+    split: "train", or "val" for the validation split (``has_val_split``).
   """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   kind = _field(data_config, "source")
   num_classes = _field(data_config, "num_classes")
   if num_classes is None:
     raise ValueError("data config needs num_classes")
+  if split == "val" and kind in ("folder", "tfds") and not has_val_split(
+      data_config):
+    raise ConfigError("no validation split: set data.val_image_dir and "
+                      "data.val_mask_dir" if kind == "folder" else
+                      "no validation split: set data.tfds_val_split")
   labels = _label_fields(data_config)
   if kind == "folder":
-    image_dir, mask_dir = (_field(data_config, "image_dir"),
-                           _field(data_config, "mask_dir"))
-    if not image_dir or not mask_dir:
-      raise ValueError("source 'folder' needs image_dir and mask_dir")
+    image_dir, mask_dir = folder_dirs(data_config, split)
+    mask_suffix = _field(data_config, "mask_suffix") or ""
+    if labels["remap"] == "cityscapes" and "labelTrainIds" in mask_suffix:
+      raise ConfigError(
+          f"data.remap='cityscapes' maps labelIds, but data.mask_suffix="
+          f"{mask_suffix!r} reads train ids already: pass --config.data.remap=")
     return FolderSource(
         image_dir, mask_dir, num_classes=num_classes,
         skip_unpaired=bool(_field(data_config, "skip_unpaired", False)),
-        **labels)
+        image_suffix=_field(data_config, "image_suffix") or "",
+        mask_suffix=mask_suffix, **labels)
   if kind == "tfds":
     name = _field(data_config, "tfds_name")
     if not name:
       raise ValueError("source 'tfds' needs tfds_name")
+    tfds_split = (_field(data_config, "tfds_val_split") if split == "val"
+                  else _field(data_config, "tfds_split", "train") or "train")
     return TfdsSource(
-        name, _field(data_config, "tfds_split", "train") or "train",
+        name, tfds_split,
         num_classes=num_classes, data_dir=_field(data_config, "tfds_data_dir"),
         image_key=_field(data_config, "image_key", "image") or "image",
         mask_key=(_field(data_config, "mask_key", "segmentation_mask") or
                   "segmentation_mask"),
         **labels)
   if kind == "synthetic":
+    if split == "val":
+      raise ConfigError("source 'synthetic' has no validation split")
     num_records = _field(data_config, "num_records")
     image_size = _field(data_config, "image_size")
     if not num_records or not image_size:

@@ -61,11 +61,16 @@ class TfdsSource:
     data_dir: TFDS data directory (None: TFDS's default).
     ignore_label, palette, remap: as for ``FolderSource``.
 
-  Example, ADE20K as TFDS ``scene_parse150`` (0 = unlabeled)::
+  Example, Cityscapes as TFDS ``cityscapes/semantic_segmentation``, whose
+  ``segmentation_label`` holds the ``*_gtFine_labelIds.png`` ids::
 
-    TfdsSource("scene_parse150", "train", num_classes=150,
-               mask_key="annotation", ignore_label=0,
-               remap={v: v - 1 for v in range(1, 151)})
+    TfdsSource("cityscapes/semantic_segmentation", "train", num_classes=19,
+               image_key="image_left", mask_key="segmentation_label",
+               remap="cityscapes")
+
+  Not ADE20K's benchmark: TFDS ``scene_parse150`` holds the 2017 challenge's
+  instance maps (``annotations_instance``: 100 thing classes, no stuff), so
+  it is refused; read ADEChallengeData2016 with ``configs/seg_f4.py:ade20k``.
   """
 
   decoder = None  # tfds decodes in __getitem__, which runs in grain workers
@@ -74,6 +79,11 @@ class TfdsSource:
                image_key: str = "image", mask_key: str = "segmentation_mask",
                data_dir: str | None = None, ignore_label: int | None = None,
                palette: Any = None, remap: Any = None):
+    if name.split("/")[0].split(":")[0] == "scene_parse150":
+      raise DataError(
+          "TFDS scene_parse150's annotations are instance maps of 100 thing "
+          "classes without stuff, not the 150-class ADE20K benchmark maps: "
+          "train on ADEChallengeData2016 with configs/seg_f4.py:ade20k")
     self.name, self.split, self.data_dir = name, split, data_dir
     self.image_key, self.mask_key = image_key, mask_key
     self.spec = LabelSpec.create(num_classes, ignore_label=ignore_label,

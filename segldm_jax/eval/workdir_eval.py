@@ -2,7 +2,7 @@
 
 The validation split is never read by training:
   folder     data.val_image_dir + data.val_mask_dir (same label settings)
-  tfds       data.val_tfds_split (default "validation")
+  tfds       data.tfds_val_split
   synthetic  held-out scenes: scene family data.val_seed (default
              data.seed + 1000003), which training never renders
 """
@@ -36,25 +36,20 @@ CACHE_DIR = "eval_cache"
 
 
 def validation_data_config(config) -> Any:
-  """The run's data config pointed at its validation split."""
+  """The run's data config for its validation split: the folder and TFDS
+  sources name it (`pipeline.make_source(..., split="val")` reads it); the
+  synthetic source holds out a scene family training never renders."""
   data = config.data.copy_and_resolve_references()
   kind = data.get("source")
-  with data.unlocked():
-    if kind == "folder":
-      image_dir, mask_dir = data.get("val_image_dir"), data.get("val_mask_dir")
-      if not image_dir or not mask_dir:
-        raise ConfigError(
-            "folder data needs a validation split to evaluate: set "
-            "--config.data.val_image_dir and --config.data.val_mask_dir "
-            "(pairs the training never reads)")
-      data.image_dir, data.mask_dir = image_dir, mask_dir
-    elif kind == "tfds":
-      data.tfds_split = data.get("val_tfds_split") or "validation"
-    elif kind == "synthetic":
+  if kind == "synthetic":
+    with data.unlocked():
       data.seed = int(data.get("val_seed") or
                       (data.get("seed") or 0) + _HELD_OUT_SEED)
-    else:
-      raise ConfigError(f"data.source {kind!r} has no validation split")
+  elif not pipeline.has_val_split(data):
+    keys = ("--config.data.val_image_dir and --config.data.val_mask_dir"
+            if kind == "folder" else "--config.data.tfds_val_split")
+    raise ConfigError(f"{kind} data needs a validation split to evaluate: "
+                      f"set {keys} (data the training never reads)")
   return data
 
 
@@ -64,7 +59,9 @@ def _validation_pairs(config, n: int, size: int):
     with data.unlocked():
       data.num_records = max(n, 1)
       data.image_size = size
-  source = pipeline.make_source(data)
+    source = pipeline.make_source(data)
+  else:
+    source = pipeline.make_source(data, split="val")
   n = min(n, len(source))
   ds = pipeline.make_dataset(source, image_size=size, batch_size=n,
                              seed=int(config.get("seed", 0)), train=False,
