@@ -49,6 +49,7 @@ from segldm_jax import run_config
 from segldm_jax import sampling
 from segldm_jax import viz
 from segldm_jax import xla_cpu
+from segldm_jax import compilation_cache
 from segldm_jax.data import folder as folder_lib
 from segldm_jax.data import base as data_base
 from segldm_jax.data import labels as labels_lib
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
     config = run_config.load(workdir)
   except run_config.ConfigError as e:
     sys.exit(f"error: {e}")
+  compilation_cache.setup(config.get("compilation_cache_dir"))
   ldm = build.build_model(config.model)
   num_classes = int(ldm.cond_stage.in_channels)
   if "data" not in config:

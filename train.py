@@ -33,6 +33,7 @@ from segldm_jax import saved_shapes
 from segldm_jax import layout
 from segldm_jax import errors
 from segldm_jax import checkpoints
+from segldm_jax import compilation_cache
 from segldm_jax import first_stage as first_stage_lib
 from segldm_jax import metrics as metrics_lib
 from segldm_jax import parallel
@@ -90,6 +91,7 @@ class _OnlyOurInfo(pylogging.Filter):
 def main(argv):
   del argv
   xla_cpu.use_xnnpack_convolutions()  # before any device is touched
+  compilation_cache.setup(FLAGS.config.get("compilation_cache_dir"))
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   if FLAGS.check_data:  # before any device, model or workdir is touched
     report = data_check.check_data(FLAGS.config.data)
