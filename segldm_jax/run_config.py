@@ -18,6 +18,7 @@ import ml_collections as mlc
 from segldm_jax import layout
 
 _SOURCES = ("folder", "tfds", "synthetic")
+_REMAT = ("none", "block", "dots_saveable")  # unet.REMAT_POLICIES
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,14 @@ def validate(config: mlc.ConfigDict) -> dict[str, int]:
   if t.compute_dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"train.compute_dtype={t.compute_dtype!r}; use "
                       "'float32' or 'bfloat16'")
+  chunks = int(t.get("encode_chunks", 1))
+  if chunks < 1 or t.batch_size % chunks:
+    raise ConfigError(f"train.encode_chunks={chunks} must be a positive "
+                      f"divisor of train.batch_size={t.batch_size}")
+  remat = t.get("remat", "none")
+  if remat not in _REMAT:
+    raise ConfigError(f"train.remat={remat!r}; use one of {', '.join(_REMAT)} "
+                      "(block: least memory, none: fastest)")
   if not config.first_stage.checkpoint and not (
       config.first_stage.allow_random_init or config.first_stage.train_steps):
     raise ConfigError(

@@ -80,7 +80,10 @@ def _check_keys(where: str, params: Mapping[str, Any], known: set[str],
 
 
 def _fields(cls) -> set[str]:
-  return {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
+  # dtype and remat are run settings (train.compute_dtype, train.remat),
+  # not part of the model a config file describes.
+  return {f.name for f in dataclasses.fields(cls)} - {"parent", "name",
+                                                      "dtype", "remat"}
 
 
 def build_vq(params: Mapping[str, Any], **kw) -> VQModel:
