@@ -39,6 +39,12 @@ def kind(name: str) -> str:
   return next((k for frag, k in KINDS if frag in low), "other")
 
 
+def _host_op(name: str) -> bool:
+  """On CPU: an XLA op, not a Python frame ($...) or a runtime wrapper."""
+  return not (name.startswith("$") or "::" in name or " " in name
+              or name.startswith(("PjitFunction", "ParseArguments")))
+
+
 def summarise(trace_file: str, top: int = 20) -> dict:
   """Device-side op time from a Perfetto/Chrome trace JSON."""
   with gzip.open(trace_file, "rt") as f:
@@ -50,7 +56,7 @@ def summarise(trace_file: str, top: int = 20) -> dict:
   # host threads (named by the thunk or fusion).
   device = [p for p, n in pids.items() if "/device:" in n]
   ops = [e for e in events if e.get("ph") == "X" and "dur" in e
-         and (e["pid"] in device if device else True)]
+         and (e["pid"] in device if device else _host_op(e["name"]))]
   by_name = collections.Counter()
   by_kind = collections.Counter()
   for e in ops:

@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from benchmarks import memory
@@ -66,11 +67,18 @@ def test_block_remat_gives_the_same_step():
   assert float(m_block["loss"]) == float(m_none["loss"])
   # The backward pass recomputes the same values, but XLA fuses the
   # recomputation with the gradient ops, so a sum may be taken in another
-  # order (seen: one of 15 rescaler weights 1 ulp apart after the update).
-  # Rounding, not a different update: at most 2 float32 ulps anywhere.
+  # order: gradients agree to float32 rounding, not always to the bit.
   np.testing.assert_array_max_ulp(m_block["grad_norm"], m_none["grad_norm"], 2)
-  jax.tree.map(lambda a, b: np.testing.assert_array_max_ulp(a, b, 2),
-               state_block.params, state_none.params)
+  # So compare the gradients, through Adam's first moment (0.1 x the
+  # gradient), to a few float32 ulps of the largest gradient: the scale of
+  # the terms the sums add up. (Some are rounding noise around an exact 0,
+  # e.g. a bias before a GroupNorm; the updated weights divide by
+  # sqrt(v) + eps and so amplify exactly those.)
+  mu_block, mu_none = (jax.tree.leaves(optax.tree_utils.tree_get(
+      s.opt_state, "mu")) for s in (state_block, state_none))
+  scale = max(float(np.abs(m).max()) for m in mu_none)
+  for a, b in zip(mu_block, mu_none):
+    np.testing.assert_allclose(a, b, rtol=2**-20, atol=2**-20 * scale)
 
 
 def test_remat_keeps_less_for_the_backward_pass():
