@@ -84,9 +84,10 @@ def unet_residual_bytes(unet, params, batch: int, latent: int, channels: int,
                         dtype) -> int:
   """Bytes the UNet keeps from its forward pass for the backward pass.
 
-  The residuals of `jax.vjp`, from shapes only (nothing runs): what the
-  program must hold between the two passes before XLA schedules anything,
-  the same on every backend. This is what `remat` trades for recompute.
+  The residuals of `jax.vjp` other than the parameters, from shapes only
+  (nothing runs, nothing compiles): what the program must hold between the
+  two passes before XLA fuses anything, the same on every backend. This
+  is what `remat` trades for recompute.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -95,7 +96,12 @@ def unet_residual_bytes(unet, params, batch: int, latent: int, channels: int,
 
   def backward_fn(p, x, t):
     return jax.vjp(lambda p: unet.apply({"params": p}, x, t, True), p)[1]
-  return nbytes(jax.eval_shape(backward_fn, params, x, t))
+  jaxpr = jax.make_jaxpr(backward_fn)(params, x, t).jaxpr
+  # The parameters themselves are residuals too, but they are held anyway.
+  inputs = {id(v) for v in jaxpr.invars}
+  kept = {id(v): v for v in jaxpr.outvars
+          if isinstance(v, jax.extend.core.Var) and id(v) not in inputs}
+  return sum(v.aval.size * v.aval.dtype.itemsize for v in kept.values())
 
 
 def split(compiled, args) -> dict[str, int]:
