@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from segldm_jax import cli
+from segldm_jax import compilation_cache
 from segldm_jax import editing
 from segldm_jax import palette as palette_lib
 from segldm_jax import errors
@@ -152,6 +153,7 @@ def main(argv=None) -> int:
   xla_cpu.use_xnnpack_convolutions()  # before any device is touched
   model = trained_model.load(args.workdir, use_ema=args.ema,
                             conv=xla_cpu.preferred_conv())
+  compilation_cache.setup(model.config.get("compilation_cache_dir"))
   g = model.geometry
   opts = model.sample_options(sampler=args.sampler, steps=args.steps,
                               eta=args.eta, guidance_scale=args.guidance_scale)

@@ -4,6 +4,9 @@ One command measures, for a model size and batch:
   train    the full train step (frozen VQ encode, rescaler, UNet forward and
            backward, AdamW, EMA), images/s
   ddim     DDIM sampling, `--ddim_steps` UNet calls then the VQ decode, images/s
+  dpmpp    DPM-Solver++(2M), `--dpmpp_steps` UNet calls then the decode; the
+           peer runs its DDIM loop with as many steps (the same UNet calls:
+           the solvers' own arithmetic is a few elementwise ops a step)
   encode   VQ encode, images/s
   decode   VQ decode (quantise + decoder), images/s
 plus compile time, peak memory (host RSS on CPU, device memory on GPU), FLOPs
@@ -30,6 +33,8 @@ images); `seg_f4` = the reference recipe (256x256 images, latents 3x64x64);
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -40,7 +45,8 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-WORKLOADS = ("train", "ddim", "encode", "decode")
+WORKLOADS = ("train", "ddim", "dpmpp", "encode", "decode")
+DEFAULT_WORKLOADS = ("train", "ddim", "encode", "decode")
 # Iterations per timed run, by size: a run lasts about a second or more.
 ITERS = {"tiny": 2, "demo": 8, "seg_f4": 4}
 
@@ -91,7 +97,8 @@ def architecture(config) -> dict:
 #                                The JAX side                               #
 # ------------------------------------------------------------------------- #
 def jax_workloads(size: str, batch: int, dtype: str, ddim_steps: int,
-                  names=WORKLOADS):
+                  names=WORKLOADS, remat: str = "none", encode_chunks: int = 1,
+                  dpmpp_steps: int = 25):
   """-> ({name: run(n) -> seconds}, info, memory()) for the named workloads."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -104,6 +111,8 @@ def jax_workloads(size: str, batch: int, dtype: str, ddim_steps: int,
   config = size_config(size)
   config.train.compute_dtype = dtype
   config.train.batch_size = batch
+  config.train.remat = remat
+  config.train.encode_chunks = encode_chunks
   arch = architecture(config)
   ldm = build.build_model(config.model, dtype=jnp.float32,
                           conv=xla_cpu.preferred_conv())
@@ -165,14 +174,20 @@ def jax_workloads(size: str, batch: int, dtype: str, ddim_steps: int,
       box["state"] = s
       return time.perf_counter() - t0
     runs["train"] = run_train
-  if "ddim" in names:
-    def sample(p, f, l, k):
-      return sampling.generate(ldm, p, f, l, k, sampler="ddim",
-                               steps=ddim_steps, eta=0.0)
-    ddim = compiled("ddim", sample, params, fs_params, data["labels"], key)
-    info["flops_ddim_analytic"] = flops.analytic_flops(
+  # Sampling computes the UNet in the compute dtype too (parameters stay
+  # float32; the peer samples under autocast).
+  sampler_ldm = dataclasses.replace(ldm,
+                                    unet=ldm.unet.clone(dtype=jnp.dtype(dtype)))
+  for name, sampler, steps in (("ddim", "ddim", ddim_steps),
+                               ("dpmpp", "dpmpp_2m", dpmpp_steps)):
+    if name not in names:
+      continue
+    sample = functools.partial(sampling.generate, sampler_ldm,
+                               sampler=sampler, steps=steps, eta=0.0)
+    program = compiled(name, sample, params, fs_params, data["labels"], key)
+    info[f"flops_{name}_analytic"] = flops.analytic_flops(
         sample, params, fs_params, data["labels"], key)
-    runs["ddim"] = timed(ddim, params, fs_params, data["labels"], key)
+    runs[name] = timed(program, params, fs_params, data["labels"], key)
   if "encode" in names:
     encode = compiled("encode", ldm.encode, fs_params, image)
     runs["encode"] = timed(encode, fs_params, image)
@@ -207,7 +222,9 @@ def worker(args) -> None:
     from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
     xla_cpu.use_xnnpack_convolutions()  # as train.py and sample.py
     runs, info, memory = jax_workloads(args.size, args.batch, args.dtype,
-                                       args.ddim_steps, args.workloads)
+                                       args.ddim_steps, args.workloads,
+                                       args.remat, args.encode_chunks,
+                                       args.dpmpp_steps)
   else:
     try:
       from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
@@ -216,7 +233,7 @@ def worker(args) -> None:
                        "-r benchmarks/requirements-torch.txt") from e
     runs, info, memory = torch_peer.workloads(
         architecture(size_config(args.size)), args.batch, args.dtype,
-        args.ddim_steps, args.threads)
+        args.ddim_steps, args.threads, args.dpmpp_steps)
   for name in args.workloads:  # warm-up: first calls allocate, autotune...
     runs[name](1)
   print(json.dumps({"ready": info}), flush=True)
@@ -238,6 +255,8 @@ class Worker:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework,
            "--size", args.size, "--batch", str(args.batch), "--dtype",
            args.dtype, "--ddim_steps", str(args.ddim_steps),
+           "--dpmpp_steps", str(args.dpmpp_steps), "--remat", args.remat,
+           "--encode_chunks", str(args.encode_chunks),
            "--threads", str(args.threads),
            "--workloads", ",".join(args.workloads)]
     self.framework = framework
@@ -310,10 +329,16 @@ def main(argv=None) -> int:
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   ap.add_argument("--ddim_steps", type=int, default=50)
+  ap.add_argument("--dpmpp_steps", type=int, default=25)
+  ap.add_argument("--remat", default="none",
+                  choices=("none", "block", "dots_saveable"),
+                  help="train.remat of the JAX train step")
+  ap.add_argument("--encode_chunks", type=int, default=1,
+                  help="train.encode_chunks of the JAX train step")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--iters", type=int, default=0,
                   help="iterations per timed run (0: by size)")
-  ap.add_argument("--workloads", default=",".join(WORKLOADS),
+  ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                   type=lambda s: tuple(s.split(",")),
                   help=f"comma-separated subset of {','.join(WORKLOADS)}")
   ap.add_argument("--peer", action="store_true", help="also run PyTorch")
@@ -335,7 +360,8 @@ def main(argv=None) -> int:
   if args.peer:
     workers.append(Worker("torch", args))
   iters = args.iters or ITERS[args.size]
-  per_run = {"train": iters, "ddim": 1, "encode": iters, "decode": iters}
+  per_run = {"train": iters, "ddim": 1, "dpmpp": 1, "encode": iters,
+             "decode": iters}
   results = {w.framework: {k: [] for k in args.workloads} for w in workers}
   repeats = 0 if args.smoke else args.repeats  # smoke: the warm-up call only
   for r in range(repeats):
@@ -351,7 +377,8 @@ def main(argv=None) -> int:
   info = workers[0].info
   peak, peak_desc = peak_flops(info, args.dtype, os.cpu_count() or 1)
   report = {"size": args.size, "batch": args.batch, "dtype": args.dtype,
-            "ddim_steps": args.ddim_steps, "repeats": repeats,
+            "ddim_steps": args.ddim_steps, "dpmpp_steps": args.dpmpp_steps,
+            "remat": args.remat, "encode_chunks": args.encode_chunks, "repeats": repeats,
             "iters_per_run": per_run,
             "workers": {w.framework: w.info for w in workers},
             "memory": memory, "peak_flops": peak, "peak_assumed": peak_desc}

@@ -72,7 +72,7 @@ class Rescaler(torch.nn.Module):
 
 
 def workloads(arch: dict, batch: int, dtype: str, ddim_steps: int,
-              threads: int):
+              threads: int, dpmpp_steps: int = 25):
   """-> ({name: run(n) -> seconds}, info, memory()) like the JAX side."""
   torch.manual_seed(0)
   torch.set_num_threads(threads)
@@ -122,7 +122,7 @@ def workloads(arch: dict, batch: int, dtype: str, ddim_steps: int,
     return loss
 
   @torch.inference_mode()
-  def ddim():
+  def ddim(ddim_steps=ddim_steps):
     # The reference's uniform DDIM grid (eta 0): t_i = i * c + 1.
     c_step = arch["timesteps"] // ddim_steps
     ts = list(range(0, arch["timesteps"], c_step))
@@ -171,6 +171,8 @@ def workloads(arch: dict, batch: int, dtype: str, ddim_steps: int,
     return run
 
   runs = {"train": timed(train_step), "ddim": timed(ddim),
+          # DPM-Solver++ costs its steps' UNet calls, as DDIM does.
+          "dpmpp": timed(lambda: ddim(dpmpp_steps)),
           "encode": timed(encode), "decode": timed(decode)}
   import diffusers  # pylint: disable=g-import-not-at-top
   info = {"framework": "torch", "torch": torch.__version__,

@@ -175,6 +175,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c = mlc.ConfigDict()
   c.variant = variant
   c.seed = 0
+  # Compiled programs are kept here, so a resumed run or sample.py does not
+  # compile them again: unset = $XDG_CACHE_HOME/segldm_jax/jax_cache
+  # (~/.cache/...), '' = off (segldm_jax/compilation_cache.py).
+  c.compilation_cache_dir = mlc.config_dict.placeholder(str)
 
   # --- data: folder | tfds | synthetic -------------------------------------
   c.data = mlc.ConfigDict()
@@ -237,6 +241,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.train.grad_clip_norm = 0.0      # 0 = off (the reference does not clip)
   c.train.ema_decay = 0.9999
   c.train.compute_dtype = "float32"  # or bfloat16 (params stay float32)
+  # Recompute UNet activations in the backward pass: none | block |
+  # dots_saveable (BENCHMARKS.md: memory and time of each). The default
+  # is open until measured on a GPU.
+  c.train.remat = "none"
+  # The frozen VQ encoder on this many micro-batches in turn: its image-size
+  # activations take 1/k of the memory, for the same latents.
+  c.train.encode_chunks = 1
   c.train.nonfinite = "stop"        # stop | skip a non-finite step
   c.train.cond_drop_prob = 0.0      # classifier-free guidance: drop the mask
   c.train.region_drop_prob = 0.0    # "don't care" a random box of the mask

@@ -7,6 +7,7 @@ UNet + rescaler and LitEma's warm-up EMA of the UNet only. The caller jits it
 with shardings (train.py); nothing here knows about devices.
 """
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax
@@ -139,15 +140,27 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
   probability p (classifier-free guidance; 0 = the reference);
   `region_drop_prob` = q marks a random rectangle of each sample's mask
   "don't care" with probability q, so partial masks are in-distribution.
+  `remat` (none | block | dots_saveable, see unet.REMAT_POLICIES) trades a
+  second UNet forward in the backward pass for the memory of its
+  activations; the parameters and the update are the same. `encode_chunks`
+  = k runs the frozen encoder on k micro-batches in turn (its largest
+  activations, at image resolution, then take 1/k of the memory).
   """
+  compute_dtype = jnp.dtype(train_cfg.get("compute_dtype", "float32"))
+  remat = train_cfg.get("remat", "none")
+  if (remat, compute_dtype) != (ldm.unet.remat, jnp.dtype(ldm.unet.dtype)):
+    # The UNet's layers compute in their module dtype (flax promotes inputs
+    # and kernels to it), so bf16 inputs alone would still run in float32.
+    ldm = dataclasses.replace(
+        ldm, unet=ldm.unet.clone(dtype=compute_dtype, remat=remat))
   schedule = ldm.schedule()
   settings = ldm.settings
   accum = int(train_cfg.get("grad_accum", 1))
   max_decay = float(train_cfg.get("ema_decay", 0.9999))
-  compute_dtype = jnp.dtype(train_cfg.get("compute_dtype", "float32"))
   skip_nonfinite = train_cfg.get("nonfinite", "stop") == "skip"
   cond_drop = float(train_cfg.get("cond_drop_prob", 0.0))
   region_drop = float(train_cfg.get("region_drop_prob", 0.0))
+  encode_chunks = int(train_cfg.get("encode_chunks", 1))
 
   def loss_fn(params, z, labels, t, noise, keep, dropout_key):
     c = ldm.condition(params["cond_stage"], labels, mask_stages)
@@ -175,8 +188,10 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
     step_key = jax.random.fold_in(rng, state.step)
     k_t, k_noise, k_drop = jax.random.split(step_key, 3)
     image = data_device.images_to_model_range(batch["image"])
-    # The first stage is frozen: no gradient, and it trains nothing.
-    z = jax.lax.stop_gradient(ldm.encode(first_stage_params, image))
+    # The first stage is frozen: no gradient, and it trains nothing; its
+    # activations are freed as it goes (nothing differentiates through it).
+    z = jax.lax.stop_gradient(
+        encode_in_chunks(ldm, first_stage_params, image, encode_chunks))
     # Noise and timesteps are drawn for the whole batch, so splitting it
     # into micro-batches changes memory, not the update.
     if "pinned" in batch:  # given instead (parity tests); a trace-time switch
@@ -199,10 +214,6 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
     if accum == 1:
       (loss, parts), grads = grad_fn(state.params, *inputs, k_drop)
     else:
-      def micro(x):  # rows i, i+k, ...: each micro-batch spans all devices
-        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
-
       def body(carry, inp):
         i, *xs = inp
         (l, p), g = grad_fn(state.params, *xs, jax.random.fold_in(k_drop, i))
@@ -211,7 +222,7 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
       zero = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), _zero_parts(),
                                            state.params))
       total, _ = jax.lax.scan(
-          body, zero, (jnp.arange(accum), *(micro(x) for x in inputs)))
+          body, zero, (jnp.arange(accum), *(micro_batches(x, accum) for x in inputs)))
       loss, parts, grads = jax.tree.map(lambda x: x / accum, total)
 
     finite = jnp.isfinite(loss) & _tree_all_finite(grads)
@@ -238,6 +249,23 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
     return new, metrics
 
   return step
+
+
+def micro_batches(x: jax.Array, k: int) -> jax.Array:
+  """(B, ...) -> (k, B / k, ...), micro-batch j = rows j, j + k, ...: each
+  one spans all devices of a batch-sharded array."""
+  return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
+def encode_in_chunks(ldm: LatentDiffusion, first_stage_params, image: jax.Array,
+                     chunks: int = 1) -> jax.Array:
+  """`ldm.encode` on `chunks` micro-batches in turn; the same latents (each
+  image is encoded alone either way), a `chunks`-th of the temporaries."""
+  if chunks == 1:
+    return ldm.encode(first_stage_params, image)
+  z = jax.lax.map(lambda x: ldm.encode(first_stage_params, x),
+                  micro_batches(image, chunks))
+  return jnp.swapaxes(z, 0, 1).reshape(image.shape[0], *z.shape[2:])
 
 
 def drop_regions(key: jax.Array, labels: jax.Array, prob: float) -> jax.Array:

@@ -20,6 +20,7 @@ from segldm_jax import layout
 from segldm_jax.errors import ConfigError
 
 _SOURCES = ("folder", "tfds", "synthetic")
+_REMAT = ("none", "block", "dots_saveable")  # unet.REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +152,14 @@ def validate(config: mlc.ConfigDict) -> Geometry:
   if t.get("eval_every") and config.get("eval", {}).get("num_images", 1) < 2:
     raise ConfigError("train.eval_every needs eval.num_images >= 2 (FID "
                       "needs a covariance); e.g. --config.eval.num_images=64")
+  chunks = int(t.get("encode_chunks", 1))
+  if chunks < 1 or t.batch_size % chunks:
+    raise ConfigError(f"train.encode_chunks={chunks} must be a positive "
+                      f"divisor of train.batch_size={t.batch_size}")
+  remat = t.get("remat", "none")
+  if remat not in _REMAT:
+    raise ConfigError(f"train.remat={remat!r}; use one of {', '.join(_REMAT)} "
+                      "(block: least memory, none: fastest)")
   if not config.first_stage.checkpoint and not (
       config.first_stage.allow_random_init or config.first_stage.train_steps):
     raise ConfigError(

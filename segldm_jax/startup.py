@@ -18,6 +18,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from segldm_jax import checkpoints
+from segldm_jax import compilation_cache
 from segldm_jax import errors
 from segldm_jax import first_stage
 from segldm_jax import layout
@@ -53,6 +54,7 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
   Raises:
     errors.UserError: the first problem found, in one line.
   """
+  compilation_cache.setup(config.get("compilation_cache_dir"))
   # A lost peer ends this process in one line naming it and how to resume.
   parallel.watch_peers(config.parallel.heartbeat_timeout_s,
                        workdir / layout.CHECKPOINTS_DIR)

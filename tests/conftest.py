@@ -13,6 +13,11 @@ import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# train.py and sample.py keep compiled programs in $XDG_CACHE_HOME
+# (segldm_jax/compilation_cache.py): never the user's, in tests.
+_CACHE_HOME = tempfile.mkdtemp(prefix="segldm_test_cache_")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+atexit.register(shutil.rmtree, _CACHE_HOME, ignore_errors=True)
 # 8 host devices so sharding tests run on CPU; must be set before jax loads.
 _XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _XLA_FLAGS:

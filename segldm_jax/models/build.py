@@ -78,9 +78,10 @@ def _check_keys(where: str, params: Mapping[str, Any], known: set[str],
 
 
 def _fields(cls) -> set[str]:
-  # dtype and conv say how to compute, not what: set by code, not configs.
-  return {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype",
-                                                      "conv"}
+  # dtype, conv and remat say how to compute, not what (train.compute_dtype,
+  # the backend's convolutions, train.remat): set by code, not by configs.
+  return {f.name for f in dataclasses.fields(cls)} - {"parent", "name",
+                                                      "dtype", "conv", "remat"}
 
 
 def build_vq(params: Mapping[str, Any], **kw) -> VQModel:

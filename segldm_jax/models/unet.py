@@ -2,6 +2,10 @@
 
 Submodule names follow the reference's state_dict: `input_blocks_{k}_{j}`,
 `middle_block_{j}`, `output_blocks_{k}_{j}`, `time_embed_{0,2}`, `out_{0,2}`.
+
+`remat` (train.remat) recomputes each residual and attention block's
+activations in the backward pass instead of keeping them: flax's `nn.remat`
+keeps the module names, so the parameter tree is the same with or without.
 """
 
 import math
@@ -16,6 +20,22 @@ from segldm_jax.models import layers
 Dtype = Any
 # torch's GroupNorm default; the VQ autoencoder uses 1e-6.
 _EPS = 1e-5
+
+
+def _convs_and_dots_saveable(prim, *_, **__) -> bool:
+  # Convolutions and matrix products are what costs time to recompute; the
+  # GroupNorms (float32), SiLUs and adds around them are what fills memory.
+  return prim.name in ("conv_general_dilated", "dot_general")
+
+
+# train.remat: what a block keeps for the backward pass. "block" keeps only
+# its inputs and recomputes the rest; "dots_saveable" keeps the outputs of
+# its convolutions and matrix products and recomputes norms and activations.
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": _convs_and_dots_saveable,
+}
 
 
 def timestep_embedding(t: jax.Array, dim: int,
@@ -149,6 +169,7 @@ class UNetModel(nn.Module):
   use_new_attention_order: bool = False
   dtype: Dtype = jnp.float32
   conv: str = "xla"  # 3x3 convolutions: "xla" or "winograd" (layers.conv3x3)
+  remat: str = "none"  # a key of REMAT_POLICIES; not part of the model config
 
   def _heads(self, ch: int, upsample: bool = False) -> int:
     if self.num_head_channels != -1:
@@ -162,6 +183,15 @@ class UNetModel(nn.Module):
                train: bool = False) -> jax.Array:
     if self.num_heads == -1 and self.num_head_channels == -1:
       raise ValueError("UNetModel needs num_heads or num_head_channels")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"UNetModel.remat={self.remat!r}; choose one of "
+                       f"{', '.join(REMAT_POLICIES)}")
+    res_cls, attn_cls = ResBlock, AttentionBlock
+    if self.remat != "none":
+      policy = REMAT_POLICIES[self.remat]
+      # static_argnums counts self: ResBlock(x, emb, train) has train at 3.
+      res_cls = nn.remat(ResBlock, static_argnums=(3,), policy=policy)
+      attn_cls = nn.remat(AttentionBlock, policy=policy)
     dt = self.dtype
     t_emb = timestep_embedding(timesteps, self.model_channels)
     self.sow("intermediates", "t_emb", t_emb)
@@ -171,11 +201,11 @@ class UNetModel(nn.Module):
     self.sow("intermediates", "emb", emb)
 
     def res(ch, name, resample=None):
-      return ResBlock(ch, self.use_scale_shift_norm, resample, self.dropout, dt,
-                      name=name, conv=self.conv)
+      return res_cls(ch, self.use_scale_shift_norm, resample, self.dropout, dt,
+                     name=name, conv=self.conv)
 
     def attn(ch, name, upsample=False):
-      return AttentionBlock(self._heads(ch, upsample),
+      return attn_cls(self._heads(ch, upsample),
                             self.use_new_attention_order, dt, name=name)
 
     h = layers.conv3x3(self.model_channels, dt, "input_blocks_0_0",
