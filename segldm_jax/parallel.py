@@ -281,6 +281,11 @@ _JAX_HEARTBEAT_MARGIN_S = 5
 DEFAULT_HEARTBEAT_TIMEOUT_S = 60
 
 
+# Where process 0's coordination service listens, when given to us (not when
+# jax detects the cluster itself): the lost-host helper probes it.
+_coordinator_address = ""
+
+
 def maybe_initialize_distributed(coordinator_address: str | None = None,
                                  num_processes: int | None = None,
                                  process_id: int | None = None,
@@ -310,6 +315,8 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   timeout = int(heartbeat_timeout_s or DEFAULT_HEARTBEAT_TIMEOUT_S)
   timeouts = {"heartbeat_timeout_seconds": timeout + _JAX_HEARTBEAT_MARGIN_S}
+  global _coordinator_address
+  _coordinator_address = coordinator_address or ""  # "" when jax detects it
   if explicit:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                **timeouts)
@@ -517,11 +524,9 @@ def _start_last_words(checkpoints_dir: pathlib.Path, count: int,
   """The helper that speaks for this process if jax aborts it (see
   `watch_peers`); None where it cannot start."""
   import subprocess  # pylint: disable=g-import-not-at-top
-  try:  # jax keeps it in private state (it may be auto-detected)
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-    address = str(distributed.global_state.coordinator_address or "")
-  except (ImportError, AttributeError):
-    address = ""  # the helper then cannot tell a lost coordinator
+  # Without the address (a cluster jax detected itself) the helper cannot
+  # tell a lost coordinator from another crash, and says less.
+  address = _coordinator_address
   try:
     return subprocess.Popen(
         [sys.executable, "-c", _LAST_WORDS, address, str(checkpoints_dir),

@@ -464,7 +464,7 @@ _FAILING_SAVE = textwrap.dedent("""
       save(mgr, 3, 16)  # waits for save 2 first: its failure surfaces here
       print("save 3 returned", flush=True)
 
-    main()
+    sys.exit(main())
 """)
 
 

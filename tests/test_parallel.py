@@ -297,4 +297,4 @@ def test_describe_unet(born_sharded):
 def test_fmt_bytes():
   sizes = (0, 1023, 1536, 3 * 2**20, 2**42)
   assert [formatting.human_bytes(n) for n in sizes] == [
-      "0 B", "1023 B", "1.5 KiB", "3.0 MiB", "4096.0 GiB"]
+      "0 B", "1023 B", "1.5 KiB", "3.0 MiB", "4.0 TiB"]
