@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 	$(PY) evaluate.py --workdir $(WORKDIR) --num_images 64
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=10 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 tests
 
 clean-venv:
 	rm -rf $(VENV)
