@@ -72,6 +72,6 @@ def one_line(text: Any, limit: int = 400) -> str:
 
 
 def describe_error(error: BaseException, limit: int = 400) -> str:
-  """'TypeName: message' in one line (just the name when it has none)."""
-  text = one_line(error, limit)
+  """'TypeName: message', printable (just the name when it has none)."""
+  text = printable(error, limit)
   return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -38,6 +38,8 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from segldm_jax import formatting
+
 try:  # ISA-L's CRC-32 is 4-5x zlib's (the same checksum).
   from isal.isal_zlib import crc32 as _crc32  # pylint: disable=g-import-not-at-top
 except ImportError:  # pragma: no cover
@@ -125,23 +127,15 @@ class _Problem(Exception):
   """Internal: what is wrong, without the file name (added at the top)."""
 
 
-def _one_line(text: Any, limit: int = 200) -> str:
-  """Escapes control characters and truncates, so messages stay one line."""
-  text = str(text)
-  text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-  return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _describe(err: BaseException, limit: int = 120) -> str:
-  """'TypeName: message' (just the name when the message is empty)."""
-  text = _one_line(err, limit)
-  return f"{type(err).__name__}: {text}" if text else type(err).__name__
+def _printable(text: Any, limit: int = 200) -> str:
+  """What the file says, kept short in our one-line messages."""
+  return formatting.printable(text, limit)
 
 
 def _short_repr(obj: Any) -> str:
   """Repr that cannot recurse: containers are summarised by type."""
   if isinstance(obj, (str, bytes, int, float, bool, type(None))):
-    return _one_line(repr(obj), 60)
+    return _printable(repr(obj), 60)
   return type(obj).__name__
 
 
@@ -194,7 +188,7 @@ class ForeignObject:
     return f"{cls.foreign_module}.{cls.foreign_name}"
 
   def __repr__(self) -> str:
-    return f"<ForeignObject {_one_line(self.qualified_name())}>"
+    return f"<ForeignObject {_printable(self.qualified_name())}>"
 
 
 class _Frozen:
@@ -207,30 +201,29 @@ class _Frozen:
     raise _Problem(f"pickle tries to modify internal object {self!r}")
 
 
-class _StorageType(_Frozen):
+class _NamedDtype(_Frozen):
+  """A torch global that names a dtype: `torch.<name>`."""
+
+  __slots__ = ("name", "dtype")
+
+  def __init__(self, name: str, dtype: np.dtype) -> None:
+    object.__setattr__(self, "name", name)
+    object.__setattr__(self, "dtype", dtype)
+
+  def __repr__(self) -> str:
+    return f"<torch.{self.name}>"
+
+
+class _StorageType(_NamedDtype):
   """Stands for `torch.FloatStorage` & co. in a persistent id."""
 
-  __slots__ = ("name", "dtype")
-
-  def __init__(self, name: str, dtype: np.dtype) -> None:
-    object.__setattr__(self, "name", name)
-    object.__setattr__(self, "dtype", dtype)
-
-  def __repr__(self) -> str:
-    return f"<torch.{self.name}>"
+  __slots__ = ()
 
 
-class _TorchDtype(_Frozen):
+class _TorchDtype(_NamedDtype):
   """Stands for a `torch.float32`-style dtype global."""
 
-  __slots__ = ("name", "dtype")
-
-  def __init__(self, name: str, dtype: np.dtype) -> None:
-    object.__setattr__(self, "name", name)
-    object.__setattr__(self, "dtype", dtype)
-
-  def __repr__(self) -> str:
-    return f"<torch.{self.name}>"
+  __slots__ = ()
 
 
 class _TorchClass(_Frozen):
@@ -376,7 +369,7 @@ def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
     raise _Problem(f"tensor {what} is {_short_repr(value)}, not a tuple")
   for v in value:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-      raise _Problem(f"tensor {what} {_one_line(value)} has a bad entry")
+      raise _Problem(f"tensor {what} {_printable(value)} has a bad entry")
   return tuple(value)
 
 
@@ -551,7 +544,7 @@ class _Archive:
       except (zipfile.BadZipFile, zlib.error, OSError, EOFError,
               NotImplementedError, RuntimeError) as err:  # RuntimeError:
         # an encrypted entry; NotImplementedError: unknown compression.
-        raise _Problem(f"zip entry {name!r} is corrupt ({_one_line(err)}); "
+        raise _Problem(f"zip entry {name!r} is corrupt ({_printable(err)}); "
                        "re-download or re-save the checkpoint") from None
     self._raw[key] = raw
     self._crcs[key] = (name, info.CRC, offset)
@@ -585,7 +578,7 @@ class _Archive:
         self._release(offset, start, start + _CRC_CHUNK)
       if crc != expected:
         tensor = _tensor_on(obj, self._spans(key))
-        held = f" (tensor {_one_line(tensor, 120)!r})" if tensor else ""
+        held = f" (tensor {_printable(tensor, 120)!r})" if tensor else ""
         raise _Problem(
             f"zip entry {name!r}{held} fails its CRC-32 check (stored "
             f"{expected:08x}, read {crc:08x}): the file is corrupt, "
@@ -702,11 +695,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return self._placeholder(module, name)
     if module.startswith("torch._utils") and name.startswith("_rebuild_"):
       raise _Problem(
-          f"pickle rebuilds a tensor with '{_one_line(qualified)}' (quantized, "
+          f"pickle rebuilds a tensor with '{_printable(qualified)}' (quantized, "
           "sparse, meta or other non-dense tensor), which this reader does not "
           "support; convert those tensors to dense CPU tensors and re-save")
     raise _Problem(
-        f"pickle refers to '{_one_line(qualified)}', which is not a tensor or "
+        f"pickle refers to '{_printable(qualified)}', which is not a tensor or "
         "plain container; refusing to load (nothing was executed)")
 
   def _placeholder(self, module: str, name: str) -> type:
@@ -778,7 +771,7 @@ def _find_prefix(zf: zipfile.ZipFile) -> str:
   if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
     raise _Problem("a TorchScript archive (torch.jit.save), not a torch.save "
                    "checkpoint; save the model's state_dict with torch.save")
-  shown = ", ".join(_one_line(n, 60) for n in names[:5])
+  shown = ", ".join(_printable(n, 60) for n in names[:5])
   raise _Problem(
       f"zip archive without <folder>/data.pkl, so not a torch.save checkpoint "
       f"(entries: {shown or 'none'}{', ...' if len(names) > 5 else ''})")
@@ -793,7 +786,7 @@ def _load(path: str | os.PathLike[str],
   except IsADirectoryError:
     raise _Problem("is a directory, not a checkpoint file") from None
   except OSError as err:
-    raise _Problem(f"cannot open ({_one_line(err)})") from None
+    raise _Problem(f"cannot open ({_printable(err)})") from None
   with file:
     head = file.read(512)
     if not head:
@@ -805,7 +798,7 @@ def _load(path: str | os.PathLike[str],
       zf = zipfile.ZipFile(file)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
       raise _Problem(
-          f"truncated or not a zip archive ({_one_line(err)}); re-download "
+          f"truncated or not a zip archive ({_printable(err)}); re-download "
           "or re-save the checkpoint") from None
     with zf:
       prefix = _find_prefix(zf)
@@ -820,7 +813,7 @@ def _load(path: str | os.PathLike[str],
             info.compress_type == zipfile.ZIP_STORED and
             info.file_size > file_len)):
           raise _Problem(
-              f"zip entry {_one_line(info.filename)!r} declares "
+              f"zip entry {_printable(info.filename)!r} declares "
               f"{max(info.compress_size, info.file_size)} bytes, more than the "
               f"file's {file_len}; the file is truncated or corrupt, "
               "re-download it")
@@ -831,7 +824,7 @@ def _load(path: str | os.PathLike[str],
       except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError,
               NotImplementedError, RuntimeError) as err:
         # NotImplementedError: unknown compression; RuntimeError: encrypted.
-        raise _Problem(f"corrupt zip entry ({_one_line(err)}); re-download or "
+        raise _Problem(f"corrupt zip entry ({_printable(err)}); re-download or "
                        "re-save the checkpoint") from None
       if byteorder not in (b"little", b"big"):
         raise _Problem(f"unknown byteorder record {byteorder[:20]!r}")
@@ -854,7 +847,7 @@ def _load(path: str | os.PathLike[str],
         # Anything else the file's bytes provoke (bad opcodes, wrong argument
         # types, a corrupt compressed entry, ...) is a corrupt checkpoint.
         raise _Problem(
-            f"corrupt or unsupported pickle in data.pkl ({_describe(err)})"
+            f"corrupt or unsupported pickle in data.pkl ({formatting.describe_error(err, 120)})"
         ) from err
       archive.verify(obj)
       return obj
@@ -874,7 +867,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     CheckpointError: the file is missing, not a zip checkpoint, corrupt, or
       its pickle names anything beyond tensors and plain containers.
   """
-  label = _one_line(os.fspath(path), 300)
+  label = _printable(os.fspath(path), 300)
   try:
     return _load(path)
   except _Problem as problem:
@@ -883,7 +876,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     # Whatever else a hostile file provokes (in zipfile, mmap, ...) is still
     # a refused file, in one line, never a traceback.
     raise CheckpointError(
-        f"{label}: unreadable checkpoint ({_describe(err)})") from err
+        f"{label}: unreadable checkpoint ({formatting.describe_error(err, 120)})") from err
 
 
 def _is_flat_state_dict(obj: Any) -> bool:
@@ -900,7 +893,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   Raises:
     CheckpointError: as `load_checkpoint`, or the file holds no state_dict.
   """
-  label = _one_line(os.fspath(path), 300)
+  label = _printable(os.fspath(path), 300)
   obj = load_checkpoint(path)
   if isinstance(obj, Mapping) and "state_dict" in obj:
     state_dict = obj["state_dict"]
@@ -991,14 +984,14 @@ def load_torchscript(path: str | os.PathLike[str]) -> ForeignObject:
     CheckpointError: as `load_checkpoint` (refusal by name of any global that
       is not a tensor, a plain container, a list builder or a module class).
   """
-  label = _one_line(os.fspath(path), 300)
+  label = _printable(os.fspath(path), 300)
   try:
     obj = _load(path, _TorchScriptUnpickler)
   except _Problem as problem:
     raise CheckpointError(f"{label}: {problem}") from problem.__cause__
   except Exception as err:  # pylint: disable=broad-except
     raise CheckpointError(
-        f"{label}: unreadable TorchScript archive ({_describe(err)})") from err
+        f"{label}: unreadable TorchScript archive ({formatting.describe_error(err, 120)})") from err
   if not (isinstance(obj, ForeignObject) and
           obj.foreign_module.startswith("__torch__")):
     raise CheckpointError(
