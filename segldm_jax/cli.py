@@ -18,6 +18,7 @@ from absl import flags
 import ml_collections as mlc
 from ml_collections import config_flags
 
+from segldm_jax import compilation_cache
 from segldm_jax import errors
 from segldm_jax import formatting
 from segldm_jax import run_config
@@ -123,9 +124,11 @@ def main_exits(main: Callable[..., int]) -> Callable[..., int]:
   @functools.wraps(main)
   def wrapped(*args, **kwargs) -> int:
     try:
-      return main(*args, **kwargs)
+      status = main(*args, **kwargs)
     except errors.UserError as e:
       print(error_line(e), file=sys.stderr)
       return 1
+    compilation_cache.report()
+    return status
 
   return wrapped

@@ -12,7 +12,6 @@ XLA flags, so a stale entry is never used; the folder can be deleted at any
 time.
 """
 
-import atexit
 import os
 import pathlib
 
@@ -29,6 +28,7 @@ _HIT = "/jax/compilation_cache/cache_hits"
 _REQUEST = "/jax/compilation_cache/compile_requests_use_cache"
 _counts = {_HIT: 0, _REQUEST: 0}
 _listening = False
+_folder = ""  # the cache folder in use, once `setup` turned it on
 
 
 def default_dir() -> pathlib.Path:
@@ -71,17 +71,21 @@ def setup(cache_dir: str | None = None) -> str:
     return ""
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", str(path))
-  atexit.register(_report, str(path))
+  global _folder
+  _folder = str(path)
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       MIN_COMPILE_SECONDS)
   return str(path)
 
 
-def _report(path: str) -> None:
-  s = stats()
-  logging.info("compilation cache %s: %d of %d programs read back, not "
-               "compiled", path, s["hits"], s["requests"])
+def report() -> None:
+  """Logs how many programs came from the cache (the scripts call it when
+  they end cleanly; an error line stays their last)."""
+  if _folder and stats()["requests"]:
+    s = stats()
+    logging.info("compilation cache %s: %d of %d programs read back, not "
+                 "compiled", _folder, s["hits"], s["requests"])
 
 
 def stats() -> dict[str, int]:

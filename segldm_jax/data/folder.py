@@ -176,19 +176,24 @@ class FolderSource:
     no_mask = sorted(images.keys() - masks.keys())
     no_image = sorted(masks.keys() - images.keys())
     if no_mask or no_image:
-      image_end = image_suffix or f".<{'|'.join(IMAGE_EXTENSIONS)}>"
+      exts = ",".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+      image_end = image_suffix or f".{{{exts}}}"
       mask_end = mask_suffix or MASK_EXTENSIONS[0]
+      rule = (f"image REL{image_end} pairs with mask REL{mask_end}"
+              if image_suffix or mask_suffix
+              else "pairs match by relative path without extension")
       unpaired = []
       if no_mask:
         first = os.path.join(self.mask_dir, no_mask[0] + mask_end)
         unpaired.append(f"images without a mask in {self.mask_dir}: "
                         f"{_listing(no_mask, images)}, e.g. no {first}")
       if no_image:
-        first = os.path.join(self.image_dir, no_image[0] + image_end)
+        # Without a suffix the image could have any of several extensions.
+        first = (f", e.g. no {os.path.join(self.image_dir, no_image[0])}"
+                 f"{image_suffix}" if image_suffix else "")
         unpaired.append(f"masks without an image in {self.image_dir}: "
-                        f"{_listing(no_image, masks)}, e.g. no {first}")
-      message = (f"unpaired files (image REL{image_end} pairs with mask "
-                 f"REL{mask_end}): {'; '.join(unpaired)}")
+                        f"{_listing(no_image, masks)}{first}")
+      message = f"unpaired files ({rule}): {'; '.join(unpaired)}"
       if not skip_unpaired:
         raise DataError(message + "; pass skip_unpaired=True to skip them")
       _log.warning("skipping %s", message)
