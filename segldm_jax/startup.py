@@ -110,11 +110,11 @@ def initial_state(start: Start, config: mlc.ConfigDict, workdir: pathlib.Path,
                                        start.optimizer)
     key = jax.random.fold_in(jax.random.key(config.seed), -1 % 2**31)
     return jax.jit(init, out_shardings=shardings)(key), start
-  logging.info("resuming from step %d", start.step)
   try:
     state, step = checkpoints.restore_latest_intact(
         start.manager, start.abstract_state, shardings,
         jax.jit(start.optimizer.init, out_shardings=shardings.opt_state))
   except errors.CheckpointMismatchError as e:  # e.g. the optimiser's layout
     raise _resume_hint(e, workdir) from None
+  logging.info("resuming from step %d", step)
   return state, dataclasses.replace(start, step=step)

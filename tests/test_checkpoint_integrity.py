@@ -18,6 +18,8 @@ import numpy as np
 import optax
 import pytest
 
+import corruption
+
 from configs import seg_f4
 from segldm_jax import checkpoints
 from segldm_jax import layout
@@ -97,16 +99,6 @@ def _workdir_with_two_steps(root: pathlib.Path, tiny) -> pathlib.Path:
   return workdir
 
 
-def _flip_array_byte(step_dir: pathlib.Path) -> None:
-  """One bit in the middle of the largest data file of the params item."""
-  files = [p for p in (step_dir / "params").rglob("*")
-           if p.is_file() and p.parent.name == "d"]
-  big = max(files, key=lambda p: p.stat().st_size)
-  data = bytearray(big.read_bytes())
-  data[len(data) // 2] ^= 0x04
-  big.write_bytes(bytes(data))
-
-
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory, tiny):
   return _workdir_with_two_steps(tmp_path_factory.mktemp("pristine"), tiny)
@@ -119,7 +111,7 @@ def _copy(pristine, tmp_path) -> pathlib.Path:
 @pytest.fixture
 def corrupt_workdir(tmp_path, pristine):
   workdir = _copy(pristine, tmp_path)
-  _flip_array_byte(workdir / layout.CHECKPOINTS_DIR / "2")
+  corruption.flip_array_byte(workdir / layout.CHECKPOINTS_DIR / "2")
   return workdir
 
 
@@ -171,7 +163,7 @@ def test_no_intact_step_left_is_one_error(tmp_path, tiny, pristine):
   _, _, _, optimizer, abstract, shardings = tiny
   workdir = _copy(pristine, tmp_path)
   for step in ("1", "2"):
-    _flip_array_byte(workdir / layout.CHECKPOINTS_DIR / step)
+    corruption.flip_array_byte(workdir / layout.CHECKPOINTS_DIR / step)
   with _manager(workdir) as mgr:
     with pytest.raises(CorruptCheckpointError) as e:
       checkpoints.restore_latest_intact(mgr, abstract, shardings,

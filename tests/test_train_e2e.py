@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import corruption
 import event_files
 from segldm_jax import checkpoints
 from segldm_jax import layout
@@ -146,6 +148,34 @@ def test_a_second_run_on_the_same_workdir_is_refused(tmp_path, env):
   assert first.wait(timeout=600) == 0, first.stderr.read().decode()[-2000:]
   assert sorted(_losses(wd)) == list(range(1, 61))  # the first run, untouched
   assert lock.read_text() == ""  # released at its clean end
+
+
+def test_a_corrupt_checkpoint_falls_back_in_train_and_is_refused_by_sample(
+    uninterrupted, tmp_path, env):
+  wd = pathlib.Path(shutil.copytree(uninterrupted, tmp_path / "corrupt"))
+  corruption.flip_array_byte(wd / "checkpoints" / "60")
+  r = subprocess.run(
+      [sys.executable, str(ROOT / "sample.py"), "--workdir", str(wd),
+       "--steps", "2", "--out", str(tmp_path / "s")],
+      env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 1
+  assert re.fullmatch(
+      rf"error: {re.escape(str(wd))}: checkpoints/60: array 'params/\S+' does "
+      r"not match the hash saved with it .*", r.stderr.strip().splitlines()[-1])
+  # Resuming (here: to train 5 steps more) sets step 60 aside, with a
+  # warning naming the array, and continues from step 50, the last intact.
+  r = _train(wd, env, "--config.train.steps=65",
+             "--config.train.checkpoint_every=10")
+  assert re.search(r"checkpoints/60: array 'params/\S+' does not match .*; "
+                   r"set aside as 60.corrupt, resuming from the previous "
+                   r"complete checkpoint", r.stderr), r.stderr[-2000:]
+  assert "resuming from step 50" in r.stderr
+  assert _steps(wd) == [50, 60, 65] and (wd / "checkpoints/60.corrupt").is_dir()
+  want = _losses(uninterrupted)
+  got = _losses(wd)  # steps 51..60 again, as the uninterrupted run had them
+  np.testing.assert_allclose([got[s] for s in range(51, 61)],
+                             [want[s] for s in range(51, 61)], rtol=1e-5)
+
 
 
 def test_five_sigkills_at_random_moments_lose_nothing(uninterrupted, tmp_path,
