@@ -54,6 +54,18 @@ ITERS = {"tiny": 2, "demo": 8, "seg_f4": 4}
 # ------------------------------------------------------------------------- #
 #                        Model sizes (shared by both sides)                 #
 # ------------------------------------------------------------------------- #
+
+def add_train_step_args(ap, remat_help: str = "train.remat") -> None:
+  """The train-step settings the memory and profile scripts share."""
+  ap.add_argument("--size", choices=("tiny", "demo", "seg_f4"),
+                  default="seg_f4")
+  ap.add_argument("--batch", type=int, default=16)
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"),
+                  default="bfloat16")
+  ap.add_argument("--remat", default="none", help=remat_help)
+  ap.add_argument("--encode_chunks", type=int, default=1,
+                  help="train.encode_chunks: the VQ encoder's micro-batches")
+
 def size_config(size: str):
   """The LDM node of a size, as a ConfigDict (configs/seg_f4.py)."""
   from configs import seg_f4  # pylint: disable=g-import-not-at-top

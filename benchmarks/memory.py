@@ -40,6 +40,8 @@ import tempfile
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from benchmarks import bench  # noqa: E402  (after the path)
+
 REMATS = ("none", "block", "dots_saveable")
 
 
@@ -54,7 +56,6 @@ def abstract_train_step(size: str, batch: int, dtype: str, remat: str,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from benchmarks import bench  # pylint: disable=g-import-not-at-top
   from segldm_jax import ldm_training  # pylint: disable=g-import-not-at-top
   from segldm_jax.models import build  # pylint: disable=g-import-not-at-top
 
@@ -174,7 +175,6 @@ _GROUPS = (
 def _kept(args, remat: str, abstract) -> int:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from benchmarks import bench  # pylint: disable=g-import-not-at-top
   from segldm_jax.models import build  # pylint: disable=g-import-not-at-top
   config = bench.size_config(args.size)
   unet = build.build_model(config.model.params.unet_config).clone(
@@ -190,15 +190,8 @@ def _kept(args, remat: str, abstract) -> int:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--size", choices=("tiny", "demo", "seg_f4"),
-                  default="seg_f4")
-  ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--dtype", choices=("float32", "bfloat16"),
-                  default="bfloat16")
-  ap.add_argument("--remat", default="none",
-                  help=f"comma-separated subset of {','.join(REMATS)}")
-  ap.add_argument("--encode_chunks", type=int, default=1,
-                  help="train.encode_chunks: the VQ encoder's micro-batches")
+  bench.add_train_step_args(
+      ap, remat_help=f"comma-separated subset of {','.join(REMATS)}")
   ap.add_argument("--explain", type=int, default=0, metavar="N",
                   help="print the N largest buffers live at the peak")
   ap.add_argument("--no_xnnpack", action="store_true",

@@ -24,6 +24,8 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from benchmarks import bench  # noqa: E402  (after the path)
+
 # Op-name fragments -> kind (first match wins; names as XLA/cuDNN give them).
 KINDS = (("flash", "attention"), ("fmha", "attention"),
          ("attention", "attention"), ("conv", "convolution"),
@@ -72,13 +74,7 @@ def summarise(trace_file: str, top: int = 20) -> dict:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--size", choices=("tiny", "demo", "seg_f4"),
-                  default="seg_f4")
-  ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--dtype", choices=("float32", "bfloat16"),
-                  default="bfloat16")
-  ap.add_argument("--remat", default="none")
-  ap.add_argument("--encode_chunks", type=int, default=1)
+  bench.add_train_step_args(ap)
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--top", type=int, default=20)
   ap.add_argument("--out", default="/tmp/segldm_profile")
@@ -88,7 +84,6 @@ def main(argv=None) -> int:
   xla_cpu.use_xnnpack_convolutions()
   import jax  # pylint: disable=g-import-not-at-top
 
-  from benchmarks import bench  # pylint: disable=g-import-not-at-top
   runs, info, _ = bench.jax_workloads(
       args.size, args.batch, args.dtype, 1, ("train",), args.remat,
       args.encode_chunks)
