@@ -7,7 +7,7 @@ counts images per second of this process's CPU time: the work one core does,
 whatever else runs on the machine. Then a short run with `--workers` grain
 worker processes checks the wall-clock rate scales with them.
 
-  python benchmarks/input_pipeline.py --data /work/shared/data/sflckr \
+  python benchmarks/input_pipeline.py --data ../shared/data/sflckr \
       --size 256 --batch 16 --batches 40 --feed 202
 
 `--feed R`: the train step's images/s to keep fed (BENCHMARKS.md: the

@@ -7,7 +7,7 @@ grouped into kinds (convolution, matmul, attention, fusion, copy,
 reduction, collective), and the share of the step the device was busy.
 
   python benchmarks/profile_step.py --size seg_f4 --batch 16 \
-      --dtype bfloat16 --steps 5 --out /tmp/segldm_profile
+      --dtype bfloat16 --steps 5 --out runs/profile
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
   bench.add_train_step_args(ap)
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--top", type=int, default=20)
-  ap.add_argument("--out", default="/tmp/segldm_profile")
+  ap.add_argument("--out", default="runs/profile")
   ap.add_argument("--json", default="", help="also write the summary here")
   args = ap.parse_args(argv)
   from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
