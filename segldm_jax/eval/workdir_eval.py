@@ -125,8 +125,7 @@ class Evaluator:
         "eta": float(sample_cfg.get("eta", 0.0)),
         "guidance_scale": float(guidance_scale if guidance_scale is not None
                                 else sample_cfg.get("guidance_scale", 1.0)),
-        "mask_stages": int(math.log2(
-            size // int(config.data.get("mask_size") or size))),
+        "mask_stages": run_config.geometry(config).mask_stages,
     }
     self.num_classes = int(config.data.num_classes)
     self.segmenter = ev.get("segmenter") or (
