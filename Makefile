@@ -5,9 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 
-.PHONY: demo test clean-venv
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-eval.txt pyproject.toml
+.PHONY: demo serve test browser clean-venv
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-eval.txt requirements-ui.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -20,7 +22,18 @@ demo: $(VENV)/.installed
 	$(PY) sample.py --workdir $(WORKDIR)
 	$(PY) evaluate.py --workdir $(WORKDIR) --num_images 64
 
-test: $(VENV)/.installed
+serve: $(VENV)/.installed
+	$(PY) serve.py --workdir $(WORKDIR)
+
+# The web page's test drives Debian's Chromium through its chromedriver:
+# installed on first use (about 40 s), never downloaded by a test tool.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing chromium and chromium-driver (apt-get)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+
+test: $(VENV)/.installed browser
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 tests
 
 clean-venv:

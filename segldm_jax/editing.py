@@ -11,7 +11,7 @@ photo's own, and the band between fades from one into the other.
 """
 
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -98,7 +98,8 @@ def composite(original: np.ndarray, generated: np.ndarray,
 def edit_samples(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray,
                  *, margin: int, num_samples: int, options: dict[str, Any],
                  key: jax.Array, names: tuple[str, str] = (
-                     "the original labels", "the edited labels")
+                     "the original labels", "the edited labels"),
+                 progress: Callable[[int, int], None] | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Regenerates the pixels whose label changed from `old` to `new` (one
   photo, (H, W) label maps), `num_samples` times.
@@ -107,6 +108,7 @@ def edit_samples(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray,
     model: a `trained_model.TrainedModel`.
     options: `sampling.edit`'s keyword arguments (sampler, steps, ...).
     names: how messages call `old` and `new` (e.g. their files).
+    progress: told (done, total) after each sample.
 
   Returns:
     (results uint8 (num_samples, H, W, 3), keep, paste weight) as
@@ -122,6 +124,8 @@ def edit_samples(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray,
         model.ldm, model.params, model.first_stage_params, photo[None],
         new[None], keep, jax.random.fold_in(key, b), **options))
     results.append(composite(photo[None], gen, weight)[0])
+    if progress is not None:
+      progress(b + 1, num_samples)
   return np.stack(results), keep, weight
 
 

@@ -219,6 +219,18 @@ def named(name: str) -> tuple[np.ndarray, tuple[str, ...]]:
   return palette(_NAMED_SIZES[key], key), _NAMES[key]
 
 
+def _label_set(data_config) -> str | None:
+  """The named label set a run uses: its `data.dataset`, else by class count
+  (182 COCO-Stuff, 150 ADE20K, as `palette` picks); None for others."""
+  num_classes = int(data_config.get("num_classes"))
+  if data_config.get("source") == "synthetic":
+    return None
+  key = str(data_config.get("dataset", "") or "").replace("-", "_")
+  if key in _NAMES and _NAMED_SIZES[key] == num_classes:
+    return key
+  return {182: "coco_stuff", 150: "ade20k"}.get(num_classes)
+
+
 def for_data(data_config) -> np.ndarray:
   """The colours a run's masks are drawn in, so that a reader can match each
   region to what it should become: the scenes' own class colours for the
@@ -227,4 +239,13 @@ def for_data(data_config) -> np.ndarray:
   if data_config.get("source") == "synthetic":
     from segldm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     return synthetic.class_colours(num_classes)
-  return palette(num_classes)
+  return palette(num_classes, _label_set(data_config))
+
+
+def names_for_data(data_config) -> tuple[str, ...]:
+  """The names of a run's classes, as people pick them from a palette: the
+  label set's, else "class k"."""
+  key = _label_set(data_config)
+  if key is not None:
+    return _NAMES[key]
+  return tuple(f"class {k}" for k in range(int(data_config.get("num_classes"))))

@@ -14,7 +14,7 @@ Three programs, each one compiled function of (params, masks, key):
 
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -196,19 +196,24 @@ def generate_tiled(ldm: LatentDiffusion, params, first_stage_params,
 
 def sample_in_batches(run, ldm: LatentDiffusion, params, first_stage_params,
                       labels: np.ndarray, num_samples: int, batch_size: int,
-                      key: jax.Array, desc: str = "sample") -> np.ndarray:
+                      key: jax.Array, desc: str = "sample",
+                      progress: Callable[[int, int], None] | None = None
+                      ) -> np.ndarray:
   """`num_samples` images per label map -> uint8 (N, num_samples, H, W, 3).
 
   `run` is `generate` or `generate_tiled` with its options bound. Each map
   is repeated `num_samples` times and cut into batches in a fixed order,
   batch b keyed by fold_in(key, b): the same key and batch size give the
-  same images.
+  same images. `progress(done, total)` is told each finished batch.
   """
   rep = np.repeat(labels, num_samples, axis=0)
-  images = [np.asarray(run(ldm, params, first_stage_params,
-                           rep[start:start + batch_size],
-                           jax.random.fold_in(key, b)))
-            for b, start in enumerate(tqdm.trange(0, len(rep), batch_size,
-                                                  desc=desc))]
+  starts = range(0, len(rep), batch_size)
+  images = []
+  for b, start in enumerate(tqdm.tqdm(starts, desc=desc)):
+    images.append(np.asarray(run(ldm, params, first_stage_params,
+                                 rep[start:start + batch_size],
+                                 jax.random.fold_in(key, b))))
+    if progress is not None:
+      progress(b + 1, len(starts))
   return np.concatenate(images).reshape(len(labels), num_samples,
                                         *images[0].shape[1:])

@@ -55,7 +55,7 @@ class TrainedModel:
                 guidance_scale=float(pick(guidance_scale, "guidance_scale",
                                           1.0)))
 
-  def _check_size(self, labels: np.ndarray) -> None:
+  def check_size(self, labels: np.ndarray) -> None:
     step = self.geometry.step_px
     h, w = labels.shape[-2:]
     if h % step or w % step:
@@ -64,31 +64,33 @@ class TrainedModel:
           "first stage's factor x the UNet's and the mask's halvings)")
 
   def sample(self, masks, *, num_samples: int = 1, seed: int = 0,
-             batch_size: int = 8, **options) -> np.ndarray:
+             batch_size: int = 8, progress=None, **options) -> np.ndarray:
     """Label maps (N, H, W) or (H, W) of class ids (255 = "don't care")
     -> uint8 images (N, num_samples, H, W, 3). `options`: sampler, steps,
-    eta, guidance_scale (else the run's `sample` config)."""
+    eta, guidance_scale (else the run's `sample` config); `progress(done,
+    total)` is told each finished batch."""
     labels = np.asarray(masks, np.uint8)
     labels = labels[None] if labels.ndim == 2 else labels
-    self._check_size(labels)
+    self.check_size(labels)
     run = functools.partial(sampling.generate,
                             **self.sample_options(**options))
     return sampling.sample_in_batches(
         run, self.ldm, self.params, self.first_stage_params, labels,
-        num_samples, batch_size, jax.random.key(seed))
+        num_samples, batch_size, jax.random.key(seed), progress=progress)
 
   def edit(self, photo, labels, new_labels, *, num_samples: int = 1,
-           margin: int | None = None, seed: int = 0, **options) -> np.ndarray:
+           margin: int | None = None, seed: int = 0, progress=None,
+           **options) -> np.ndarray:
     """Regenerates the region whose labels changed (grown by `margin`
     pixels, default 2 x the first stage's factor) and keeps the rest of the
     photo exactly -> uint8 (num_samples, H, W, 3)."""
     labels, new_labels = (np.asarray(m, np.uint8) for m in (labels, new_labels))
-    self._check_size(labels)
+    self.check_size(labels)
     results, _, _ = editing.edit_samples(
         self, np.asarray(photo, np.uint8), labels, new_labels,
         margin=margin or 2 * self.ldm.downsample_factor,
         num_samples=num_samples, options=self.sample_options(**options),
-        key=jax.random.key(seed))
+        key=jax.random.key(seed), progress=progress)
     return results
 
 

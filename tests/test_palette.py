@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from segldm_jax.data import IGNORE_ID
+from segldm_jax import palette as palette_lib
 from segldm_jax.palette import bit_palette, colorize, palette
 
 
@@ -65,3 +66,16 @@ def test_colorize_draws_ignore_black_and_rejects_unknown_ids():
     colorize(np.array([[200]]), colours)
   with pytest.raises(ValueError, match="label -1 has no colour"):
     colorize(np.array([[-1]]), colours)
+
+
+def test_names_for_data_follow_the_label_set():
+  assert palette_lib.names_for_data({"num_classes": 150})[:3] == (
+      "wall", "building", "sky")
+  assert palette_lib.names_for_data({"num_classes": 182})[156] == "sky-other"
+  # 19 classes are Cityscapes only when the run says so; its colours too.
+  city = {"num_classes": 19, "dataset": "cityscapes", "source": "folder"}
+  assert palette_lib.names_for_data(city)[:2] == ("road", "sidewalk")
+  assert palette_lib.for_data(city)[0].tolist() == [128, 64, 128]
+  assert palette_lib.names_for_data({"num_classes": 19})[0] == "class 0"
+  assert palette_lib.names_for_data({"num_classes": 150, "source": "synthetic"}
+                                )[149] == "class 149"
