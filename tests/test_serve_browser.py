@@ -6,6 +6,8 @@ classes, sides in multiples of 8).
 A screenshot of the page with its result is kept in test-artifacts/.
 """
 
+import base64
+import io
 import os
 import pathlib
 
@@ -90,6 +92,34 @@ def test_paint_two_regions_generate_and_download(page, tmp_path):
   with Image.open(path) as mask:
     assert mask.mode == "L"
     np.testing.assert_array_equal(np.asarray(mask), expected)
+
+
+def _src_pixels(page, img) -> np.ndarray:
+  src = page.d.execute_script("return arguments[0].src", img)
+  return np.asarray(Image.open(io.BytesIO(base64.b64decode(
+      src.split(",", 1)[1]))))
+
+
+def test_edit_this_repaints_a_region_of_a_result(page):
+  """Generate, press "Edit this" under the first image, repaint a corner,
+  Edit region: the result keeps the image outside the grown region."""
+  photo = _src_pixels(page, page.css("img.sample")[0])
+  page.css("#results figure button")[0].click()  # "Edit this"
+  page.wait(lambda: page.el("edit-btn").is_enabled(), 10)
+  page.pick(2, "brush")
+  page.brush_size(5)
+  page.click_pixel(3, 3)  # a disc of radius 2 in the top-left corner
+  page.d.execute_script("document.getElementById('results')"
+                        ".replaceChildren()")
+  page.el("edit-btn").click()
+  edits = [_src_pixels(page, im) for im in page.images()]
+  assert len(edits) == 2 and page.error() == ""
+  for edit in edits:
+    # The changed pixels grown by the margin (2 x the factor 4) stay within
+    # the first 16 rows and columns; beyond, the photo is kept exactly.
+    np.testing.assert_array_equal(edit[16:], photo[16:])
+    np.testing.assert_array_equal(edit[:, 16:], photo[:, 16:])
+    assert np.abs(edit[:6, :6].astype(int) - photo[:6, :6]).max() > 0
 
 
 def test_bad_uploads_are_one_line_on_the_page(page, tmp_path):

@@ -22,7 +22,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 _FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu",
           "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
           "--disable-background-networking", "--disable-component-update",
-          "--disable-sync", "--window-size=1400,900")
+          "--disable-sync", "--window-size=1400,1000")
 
 
 def free_port() -> int:
