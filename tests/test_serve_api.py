@@ -147,6 +147,9 @@ def test_bad_options_and_photo_are_one_clear_line(client):
   assert (got.status_code, got.json()["error"]) == (
       400, "steps: Input should be a valid integer, unable to parse string "
       "as an integer")
+  got = _post_mask(client, ids, seed="-1")
+  assert (got.status_code, got.json()["error"]) == (
+      400, "seed -1: use 0 to 2147483647")
   got = _post_mask(client, ids, count="99")
   assert (got.status_code, got.json()["error"]) == (400,
                                                     "count 99: use 1 to 16")

@@ -82,10 +82,13 @@ class Options:
     if not 0.0 <= scale <= 50.0:
       raise errors.InputError(f"guidance scale {scale:g}: use 0 to 50 "
                               "(1 = no guidance)")
+    seed = int(seed or 0)
+    if not 0 <= seed < 2**31:
+      raise errors.InputError(f"seed {seed}: use 0 to {2**31 - 1}")
     count = int(1 if count is None else count)
     if not 1 <= count <= MAX_COUNT:
       raise errors.InputError(f"count {count}: use 1 to {MAX_COUNT}")
-    return cls(sampler, steps, scale, int(seed or 0), count)
+    return cls(sampler, steps, scale, seed, count)
 
   def sample_kwargs(self) -> dict[str, Any]:
     return dict(sampler=self.sampler, steps=self.steps,
