@@ -42,6 +42,7 @@ def test_workdir_eval_writes_every_figure(workdir, capsys):
       "ddim", 4, 32)
   assert protocol["inception_sha256"].startswith("7ff4a85c")
   assert len(protocol["lpips_sha256"]) == 64
+  assert protocol["segmenter"] == {"name": "synthetic"}
   picture = workdir / "eval_step0" / "eval.png"
   assert picture.stat().st_size > 0
   assert json.loads(capsys.readouterr().out.splitlines()[-1])["fid"] == (

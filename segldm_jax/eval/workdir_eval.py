@@ -79,12 +79,13 @@ def _sample(ldm, params, fs_params, labels, key, batch_size, opts, desc,
       labels, per_mask, batch_size, key, desc=desc)
 
 
-def _segment_scores(kind: str, real, fake, labels, num_classes: int):
+def _segment_scores(kind: str, real, fake, labels, num_classes: int,
+                    backend: str = "litert"):
   if kind == "synthetic":
     segment = lambda x: miou.segment_synthetic(x, num_classes)  # noqa: E731
     score = lambda p: miou.mean_iou(p, labels, num_classes)  # noqa: E731
   elif kind == "ade20k":
-    segment = seg_lib.load()
+    segment = seg_lib.load(backend)
     score = lambda p: report.ade20k_miou(p, labels)  # noqa: E731
   else:
     return {}
@@ -104,7 +105,7 @@ class Evaluator:
   def __init__(self, config, workdir: pathlib.Path, *, num_images=None,
                sampler=None, steps=None, guidance_scale=None, seed: int = 0,
                diversity_masks=None, diversity_samples=None,
-               batch_size=None):
+               batch_size=None, segmenter_backend=None):
     if "data" not in config:
       raise ConfigError(f"{workdir} has no dataset in its config (a "
                         "converted checkpoint?); evaluate folders with "
@@ -130,6 +131,9 @@ class Evaluator:
     self.num_classes = int(config.data.num_classes)
     self.segmenter = ev.get("segmenter") or (
         "synthetic" if config.data.source == "synthetic" else "none")
+    # Checked now, so that a typo fails before any sampling.
+    self.segmenter_backend = seg_lib.check_backend(
+        segmenter_backend or ev.get("segmenter_backend") or "litert")
     self.extractor = inception.FeatureExtractor.load(self.batch_size)
     self.real_features = report.inception_features(
         list(self.real), self.extractor, workdir / CACHE_DIR,
@@ -153,7 +157,7 @@ class Evaluator:
         "lpips_diversity": (report.lpips_diversity(list(extra))
                             if self.k >= 2 else None),
         **_segment_scores(self.segmenter, self.real, fake, self.labels,
-                          self.num_classes),
+                          self.num_classes, self.segmenter_backend),
     }
     if picture is not None:
       colours = palette_lib.for_data(self.config.data)
@@ -170,8 +174,10 @@ class Evaluator:
             validation_data_config(self.config)),
         "inception_sha256": self.extractor.weights_sha256,
         "lpips_sha256": weights.sha256(lpips.weights_file("alex")),
-        "segmenter_sha256": (seg_lib.MODEL_SHA256
-                             if self.segmenter == "ade20k" else None),
+        "segmenter": (seg_lib.load(self.segmenter_backend).about()
+                      if self.segmenter == "ade20k" else
+                      {"name": self.segmenter}
+                      if self.segmenter != "none" else None),
     }
     return result
 
