@@ -64,6 +64,24 @@ def test_folder_data_without_validation_split_names_the_keys(workdir):
       info.value)
 
 
+def test_protocol_names_the_validation_split_not_the_training_one(workdir):
+  # eval.json once recorded data.image_dir (the training photos) here.
+  config = run_config.load(workdir)
+  with config.unlocked():
+    config.data.update(source="folder", root="/data", image_dir="train/im",
+                       mask_dir="train/lab", val_image_dir="val/im",
+                       val_mask_dir="/abs/val_lab")
+  assert workdir_eval.describe_validation(config) == {
+      "source": "folder", "image_dir": "/data/val/im",
+      "mask_dir": "/abs/val_lab", "num_classes": 5}
+  with config.unlocked():
+    config.data.update(source="tfds", tfds_name="ade20k",
+                       tfds_split="train", tfds_val_split="validation")
+  assert workdir_eval.describe_validation(config) == {
+      "source": "tfds", "tfds_name": "ade20k", "tfds_split": "validation",
+      "num_classes": 5}
+
+
 def test_validation_folder_without_pairs_is_one_line(workdir, tmp_path,
                                                      capsys):
   config = json.loads((workdir / "config.json").read_text())

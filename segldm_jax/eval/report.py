@@ -140,14 +140,6 @@ def lpips_diversity(groups: Iterable[np.ndarray], net: str = "alex") -> float:
   return float(np.mean(values)) if values else float("nan")
 
 
-def describe_data(data) -> dict:
-  """The fields of a data config that say which images were used."""
-  keys = {"folder": ("image_dir", "mask_dir"),
-          "tfds": ("tfds_name", "tfds_split"),
-          "synthetic": ("seed",)}.get(data.get("source"), ())
-  return {k: data.get(k) for k in ("source", *keys, "num_classes")}
-
-
 def segment_all(segment: Callable[[np.ndarray], np.ndarray],
                 images: Sequence[np.ndarray], desc: str) -> list[np.ndarray]:
   return [segment(im[None])[0] for im in tqdm.tqdm(images, desc=desc)]

@@ -53,6 +53,23 @@ def validation_data_config(config) -> Any:
   return data
 
 
+def describe_validation(config) -> dict:
+  """The fields that say which images were scored: the validation split's
+  folders (root applied) or TFDS split, or the held-out scene family."""
+  data = validation_data_config(config)
+  kind = data.get("source")
+  out = {"source": kind}
+  if kind == "folder":
+    out["image_dir"], out["mask_dir"] = pipeline.folder_dirs(data, "val")
+  elif kind == "tfds":
+    out.update(tfds_name=data.get("tfds_name"),
+               tfds_split=data.get("tfds_val_split"))
+  elif kind == "synthetic":
+    out["seed"] = data.get("seed")
+  out["num_classes"] = data.get("num_classes")
+  return out
+
+
 def _validation_pairs(config, n: int, size: int):
   data = validation_data_config(config)
   if data.get("source") == "synthetic":
@@ -170,8 +187,7 @@ class Evaluator:
         **report.PROTOCOL, "num_images": len(self.real),
         "resolution": self.size, "seed": self.seed, "ema": True, **self.opts,
         "diversity_masks": self.m, "diversity_samples": self.k,
-        "validation": report.describe_data(
-            validation_data_config(self.config)),
+        "validation": describe_validation(self.config),
         "inception_sha256": self.extractor.weights_sha256,
         "lpips_sha256": weights.sha256(lpips.weights_file("alex")),
         "segmenter": (seg_lib.load(self.segmenter_backend).about()
