@@ -2,13 +2,15 @@
 
 import json
 
+import ml_collections as mlc
 import numpy as np
 import pytest
 
 import convert_torch_ckpt
 import evaluate
-from segldm_jax.eval import workdir_eval
 from segldm_jax import run_config
+from segldm_jax.data import labels as labels_lib
+from segldm_jax.eval import workdir_eval
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,29 @@ def test_protocol_names_the_validation_split_not_the_training_one(workdir):
   assert workdir_eval.describe_validation(config) == {
       "source": "tfds", "tfds_name": "ade20k", "tfds_split": "validation",
       "num_classes": 5}
+
+
+def test_ade20k_data_is_scored_in_the_segmenters_ids(fixtures_dir):
+  # The ade20k variant trains on stored 1..150 as classes 0..149; the
+  # segmenter predicts ADE20K ids. Once compared as they were: off by one.
+  ref = np.load(fixtures_dir / "ade20k_segmenter_reference.npz")
+  data = {"source": "folder", "dataset": "ade20k", "num_classes": 150,
+          "ignore_label": 0, "remap": "ade20k"}
+  config = mlc.ConfigDict({"data": data, "eval": {"segmenter": ""}})
+  assert workdir_eval.segmenter_kind(config) == "ade20k"  # by data
+  spec = labels_lib.LabelSpec.create(150, ignore_label=0, remap="ade20k")
+  classes = spec.to_ids(ref["labels"][:2], "fixture")  # as training reads
+  photos = ref["images_513"][:2]
+  scores = workdir_eval._segment_scores(  # pylint: disable=protected-access
+      "ade20k", photos, photos, workdir_eval.ade20k_ids(config.data)[classes],
+      150, "litert")
+  # LiteRT gives the reference labels exactly.
+  assert scores == {"miou": 1.0, "miou_real": 1.0, "segmenter": "ade20k"}
+  with pytest.raises(workdir_eval.ConfigError) as info:
+    workdir_eval.ade20k_ids(mlc.ConfigDict({"num_classes": 182, "remap": ""}))
+  assert str(info.value) == (
+      "eval.segmenter=ade20k scores ADE20K labels (ids 0..150), but the data "
+      "has 182 classes up to id 181: use it on ADE20K data only")
 
 
 def test_validation_folder_without_pairs_is_one_line(workdir, tmp_path,
