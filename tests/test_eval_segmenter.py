@@ -78,7 +78,8 @@ def test_missing_litert_names_the_pip_command(monkeypatch):
 
 def test_unknown_backend_is_refused():
   with pytest.raises(errors.ConfigError, match=(
-      r"^segmenter backend 'tflite': use one of litert, jax$")):
+      r"^segmenter backend 'tflite' \(eval.segmenter_backend / "
+      r"--segmenter_backend\): use one of litert, jax$")):
     segmenter.load("tflite")
 
 

@@ -166,7 +166,8 @@ def resize_labels(labels: np.ndarray, h: int, w: int) -> np.ndarray:
 
 def check_backend(backend: str) -> str:
   if backend not in BACKENDS:
-    raise ConfigError(f"segmenter backend {backend!r}: use one of "
+    raise ConfigError(f"segmenter backend {backend!r} (eval.segmenter_backend"
+                      f" / --segmenter_backend): use one of "
                       f"{', '.join(BACKENDS)}")
   return backend
 
