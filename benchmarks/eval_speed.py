@@ -8,7 +8,8 @@ and, with `--peer /path/to/python` (an interpreter that has torch), the same
 with `torch.jit.load(default_1.pt)` on the same inputs (PyTorch runs in its
 own process; segldm-jax never imports torch). Also prints the agreement of
 the two feature sets. With `--segmenter`, the ADE20K segmenter's agreement
-with the LiteRT reference fixture and its images/s.
+with the LiteRT reference fixture and its images/s, for each backend of
+`--segmenter_backends` (default litert,jax).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--peer", default=None, help="python with torch")
   ap.add_argument("--segmenter", action="store_true")
+  ap.add_argument("--segmenter_backends", default="litert,jax",
+                  help="comma-separated: litert, jax")
   args = ap.parse_args()
 
   from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
@@ -99,24 +102,31 @@ def main() -> None:
                   max_rel_diff=float(np.abs(feats - pf).max() /
                                      np.abs(pf).max()))
   if args.segmenter:
-    from segldm_jax.eval import segmenter  # pylint: disable=g-import-not-at-top
-    seg_ref = np.load(os.path.join(
-        ROOT, "tests/fixtures/ade20k_segmenter_reference.npz"))
-    seg = segmenter.load()
-    seg.labels_513(seg_ref["images_513"][:1])  # compile
-    t = time.perf_counter()
-    labels = seg.labels_513(seg_ref["images_513"])
-    dt = time.perf_counter() - t
-    agree = labels == seg_ref["labels"]
-    margin = seg_ref["top2_margin"].astype(np.float32)
-    result.update(
-        segmenter_img_s=round(len(labels) / dt, 3),
-        segmenter_agreement=round(float(agree.mean()), 5),
-        segmenter_agreement_per_image=[round(float(a.mean()), 5)
-                                       for a in agree],
-        segmenter_disagree_margin_gt_0_01=int((~agree & (margin > 0.01)).sum()),
-        segmenter_max_margin_disagreeing=float(margin[~agree].max()))
+    for backend in args.segmenter_backends.split(","):
+      result[f"segmenter_{backend}"] = _segmenter(backend)
   print(json.dumps(result))
+
+
+def _segmenter(backend: str) -> dict:
+  """images/s of the ADE20K segmenter on the fixture's four 513x513 photos
+  (after a first call that compiles / warms up) and its agreement with the
+  reference labels."""
+  from segldm_jax.eval import segmenter  # pylint: disable=g-import-not-at-top
+  ref = np.load(os.path.join(
+      ROOT, "tests/fixtures/ade20k_segmenter_reference.npz"))
+  seg = segmenter.load(backend)
+  seg.labels_513(ref["images_513"][:1])  # compile / warm up
+  t = time.perf_counter()
+  labels = seg.labels_513(ref["images_513"])
+  dt = time.perf_counter() - t
+  agree = labels == ref["labels"]
+  margin = ref["top2_margin"].astype(np.float32)
+  return {"about": seg.about(), "img_s": round(len(labels) / dt, 3),
+          "agreement": round(float(agree.mean()), 5),
+          "agreement_per_image": [round(float(a.mean()), 5) for a in agree],
+          "disagree_margin_gt_0_01": int((~agree & (margin > 0.01)).sum()),
+          "max_margin_disagreeing": (float(margin[~agree].max())
+                                     if (~agree).any() else None)}
 
 
 if __name__ == "__main__":

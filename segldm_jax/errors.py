@@ -48,6 +48,11 @@ class MissingWeightsError(UserError, FileNotFoundError):
   install command)."""
 
 
+class MissingPackageError(UserError, ImportError):
+  """An optional package a chosen feature runs on is not installed (names
+  the pip command and, where one exists, the alternative)."""
+
+
 class CorruptCheckpointError(UserError, ValueError):
   """Saved arrays no longer match the hashes saved with them (names the
   array and the step), or cannot be read at all."""

@@ -2,13 +2,15 @@
 
 import json
 
+import ml_collections as mlc
 import numpy as np
 import pytest
 
 import convert_torch_ckpt
 import evaluate
-from segldm_jax.eval import workdir_eval
 from segldm_jax import run_config
+from segldm_jax.data import labels as labels_lib
+from segldm_jax.eval import workdir_eval
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,7 @@ def test_workdir_eval_writes_every_figure(workdir, capsys):
       "ddim", 4, 32)
   assert protocol["inception_sha256"].startswith("7ff4a85c")
   assert len(protocol["lpips_sha256"]) == 64
+  assert protocol["segmenter"] == {"name": "synthetic"}
   picture = workdir / "eval_step0" / "eval.png"
   assert picture.stat().st_size > 0
   assert json.loads(capsys.readouterr().out.splitlines()[-1])["fid"] == (
@@ -61,6 +64,47 @@ def test_folder_data_without_validation_split_names_the_keys(workdir):
     workdir_eval.validation_data_config(config)
   assert "--config.data.val_image_dir and --config.data.val_mask_dir" in str(
       info.value)
+
+
+def test_protocol_names_the_validation_split_not_the_training_one(workdir):
+  # eval.json once recorded data.image_dir (the training photos) here.
+  config = run_config.load(workdir)
+  with config.unlocked():
+    config.data.update(source="folder", root="/data", image_dir="train/im",
+                       mask_dir="train/lab", val_image_dir="val/im",
+                       val_mask_dir="/abs/val_lab")
+  assert workdir_eval.describe_validation(config) == {
+      "source": "folder", "image_dir": "/data/val/im",
+      "mask_dir": "/abs/val_lab", "num_classes": 5}
+  with config.unlocked():
+    config.data.update(source="tfds", tfds_name="ade20k",
+                       tfds_split="train", tfds_val_split="validation")
+  assert workdir_eval.describe_validation(config) == {
+      "source": "tfds", "tfds_name": "ade20k", "tfds_split": "validation",
+      "num_classes": 5}
+
+
+def test_ade20k_data_is_scored_in_the_segmenters_ids(fixtures_dir):
+  # The ade20k variant trains on stored 1..150 as classes 0..149; the
+  # segmenter predicts ADE20K ids. Once compared as they were: off by one.
+  ref = np.load(fixtures_dir / "ade20k_segmenter_reference.npz")
+  data = {"source": "folder", "dataset": "ade20k", "num_classes": 150,
+          "ignore_label": 0, "remap": "ade20k"}
+  config = mlc.ConfigDict({"data": data, "eval": {"segmenter": ""}})
+  assert workdir_eval.segmenter_kind(config) == "ade20k"  # by data
+  spec = labels_lib.LabelSpec.create(150, ignore_label=0, remap="ade20k")
+  classes = spec.to_ids(ref["labels"][:2], "fixture")  # as training reads
+  photos = ref["images_513"][:2]
+  scores = workdir_eval._segment_scores(  # pylint: disable=protected-access
+      "ade20k", photos, photos, workdir_eval.ade20k_ids(config.data)[classes],
+      150, "litert")
+  # LiteRT gives the reference labels exactly.
+  assert scores == {"miou": 1.0, "miou_real": 1.0, "segmenter": "ade20k"}
+  with pytest.raises(workdir_eval.ConfigError) as info:
+    workdir_eval.ade20k_ids(mlc.ConfigDict({"num_classes": 182, "remap": ""}))
+  assert str(info.value) == (
+      "eval.segmenter=ade20k scores ADE20K labels (ids 0..150), but the data "
+      "has 182 classes up to id 181: use it on ADE20K data only")
 
 
 def test_validation_folder_without_pairs_is_one_line(workdir, tmp_path,

@@ -3,7 +3,7 @@
   inception.py   FID Inception-v3 (pool3) as a Flax module + pytorch-fid protocol
   fid.py         FID (scipy-free) and KID from features
   lpips.py       LPIPS (AlexNet / VGG16) and diversity
-  segmenter.py   the ADE20K segmenter (TFLite file in assets/) run in JAX
+  segmenter.py   the ADE20K segmenter (TFLite file in assets/): LiteRT or JAX
   tflite_graph.py  replays a TFLite flatbuffer's graph with jax.lax
   weights.py     locating weights inside pip packages; safe array pickles
   report.py      the figures of two image sets (evaluate.py --real/--fake)

@@ -140,14 +140,6 @@ def lpips_diversity(groups: Iterable[np.ndarray], net: str = "alex") -> float:
   return float(np.mean(values)) if values else float("nan")
 
 
-def describe_data(data) -> dict:
-  """The fields of a data config that say which images were used."""
-  keys = {"folder": ("image_dir", "mask_dir"),
-          "tfds": ("tfds_name", "tfds_split"),
-          "synthetic": ("seed",)}.get(data.get("source"), ())
-  return {k: data.get(k) for k in ("source", *keys, "num_classes")}
-
-
 def segment_all(segment: Callable[[np.ndarray], np.ndarray],
                 images: Sequence[np.ndarray], desc: str) -> list[np.ndarray]:
   return [segment(im[None])[0] for im in tqdm.tqdm(images, desc=desc)]
@@ -155,12 +147,14 @@ def segment_all(segment: Callable[[np.ndarray], np.ndarray],
 
 def folder_report(real_dir, fake_dir, masks_dir=None, *, segmenter="ade20k",
                   num_classes: int | None = None, cache_dir=None,
-                  batch_size: int = 50, kid_subset_size: int = 1000) -> dict:
+                  batch_size: int = 50, kid_subset_size: int = 1000,
+                  segmenter_backend: str = "litert") -> dict:
   """Every figure for `evaluate.py --real A --fake B [--masks M]`.
 
-  `segmenter`: "ade20k" (the shipped ADE20K model; masks hold ADE20K ids),
-  or your own callable `uint8 (N, H, W, 3) -> labels (N, H, W)` in the masks'
-  id space, scored over `num_classes` classes (mask value IGNORE_ID skipped).
+  `segmenter`: "ade20k" (the shipped ADE20K model; masks hold ADE20K ids;
+  run by `segmenter_backend`, see segmenter.py), or your own callable
+  `uint8 (N, H, W, 3) -> labels (N, H, W)` in the masks' id space, scored
+  over `num_classes` classes (mask value IGNORE_ID skipped).
   """
   real_keys, real = read_image_folder(real_dir)
   fake_keys, fake = read_image_folder(fake_dir)
@@ -181,14 +175,14 @@ def folder_report(real_dir, fake_dir, masks_dir=None, *, segmenter="ade20k",
     result["diversity_masks"] = len(groups)
   if masks_dir is not None:
     result.update(_mask_scores(masks_dir, real_keys, real, fake_keys, fake,
-                               segmenter, num_classes))
+                               segmenter, num_classes, segmenter_backend))
   result["protocol"] = {**PROTOCOL,
                         "inception_sha256": extractor.weights_sha256}
   return result
 
 
 def _mask_scores(masks_dir, real_keys, real, fake_keys, fake, segmenter,
-                 num_classes):
+                 num_classes, backend):
   from segldm_jax.eval import segmenter as seg_lib  # pylint: disable=g-import-not-at-top
   if callable(segmenter):
     if not num_classes:
@@ -197,9 +191,8 @@ def _mask_scores(masks_dir, real_keys, real, fake_keys, fake, segmenter,
     score = lambda p, t: miou.mean_iou(p, t, num_classes)  # noqa: E731
     about = {"name": getattr(segmenter, "__name__", "custom")}
   elif segmenter == "ade20k":
-    seg, score = seg_lib.load(), ade20k_miou
-    about = {"name": "ADE20K DeepLabV3+MobileNetV2 (TFLite, JAX)",
-             "sha256": seg_lib.MODEL_SHA256}
+    seg, score = seg_lib.load(backend), ade20k_miou
+    about = seg.about()
   else:
     raise EvalInputError(f"segmenter {segmenter!r}: use 'ade20k' or pass an "
                          "images -> labels callable")

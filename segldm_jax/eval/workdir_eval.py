@@ -22,7 +22,9 @@ from segldm_jax import run_config
 from segldm_jax import sampling
 from segldm_jax import trained_model
 from segldm_jax import viz
+from segldm_jax.data import labels as labels_lib
 from segldm_jax.data import pipeline
+from segldm_jax.data.base import IGNORE_ID
 from segldm_jax.errors import ConfigError
 from segldm_jax.eval import inception
 from segldm_jax.eval import lpips
@@ -53,6 +55,23 @@ def validation_data_config(config) -> Any:
   return data
 
 
+def describe_validation(config) -> dict:
+  """The fields that say which images were scored: the validation split's
+  folders (root applied) or TFDS split, or the held-out scene family."""
+  data = validation_data_config(config)
+  kind = data.get("source")
+  out = {"source": kind}
+  if kind == "folder":
+    out["image_dir"], out["mask_dir"] = pipeline.folder_dirs(data, "val")
+  elif kind == "tfds":
+    out.update(tfds_name=data.get("tfds_name"),
+               tfds_split=data.get("tfds_val_split"))
+  elif kind == "synthetic":
+    out["seed"] = data.get("seed")
+  out["num_classes"] = data.get("num_classes")
+  return out
+
+
 def _validation_pairs(config, n: int, size: int):
   data = validation_data_config(config)
   if data.get("source") == "synthetic":
@@ -79,12 +98,48 @@ def _sample(ldm, params, fs_params, labels, key, batch_size, opts, desc,
       labels, per_mask, batch_size, key, desc=desc)
 
 
-def _segment_scores(kind: str, real, fake, labels, num_classes: int):
+def segmenter_kind(config) -> str:
+  """eval.segmenter, or by data: the synthetic scenes' exact segmenter, the
+  ADE20K one for `data.dataset=ade20k`, else none (no built-in segmenter
+  for the labels)."""
+  kind = config.get("eval", {}).get("segmenter")
+  if not kind:
+    data = config.data
+    kind = ("synthetic" if data.get("source") == "synthetic" else
+            "ade20k" if data.get("dataset") == "ade20k" else "none")
+  if kind not in ("synthetic", "ade20k", "none"):
+    raise ConfigError(f"eval.segmenter={kind!r}: use synthetic, ade20k, none "
+                      "or '' (by data)")
+  return kind
+
+
+def ade20k_ids(data) -> np.ndarray:
+  """uint8 lookup table: the run's class id -> ADE20K id (what the ADE20K
+  segmenter predicts: 1..150, 0 "other"). It inverts data.remap: the ade20k
+  variant trains on stored 1..150 as classes 0..149; without a remap the
+  classes are the stored ids. IGNORE_ID stays IGNORE_ID (not scored)."""
+  lut = np.arange(256, dtype=np.uint8)
+  remap = labels_lib.load_remap(data.remap) if data.get("remap") else {}
+  for stored, cls in remap.items():
+    if cls != IGNORE_ID:
+      lut[cls] = stored
+  n = int(data.num_classes)
+  if int(lut[:n].max()) >= seg_lib.NUM_CLASSES:
+    raise ConfigError(
+        f"eval.segmenter=ade20k scores ADE20K labels (ids 0..150), but the "
+        f"data has {n} classes up to id {int(lut[:n].max())}: use it on "
+        "ADE20K data only")
+  return lut
+
+
+def _segment_scores(kind: str, real, fake, labels, num_classes: int,
+                    backend: str = "litert"):
+  """`labels`: class ids; for "ade20k", ADE20K ids (`ade20k_ids`)."""
   if kind == "synthetic":
     segment = lambda x: miou.segment_synthetic(x, num_classes)  # noqa: E731
     score = lambda p: miou.mean_iou(p, labels, num_classes)  # noqa: E731
   elif kind == "ade20k":
-    segment = seg_lib.load()
+    segment = seg_lib.load(backend)
     score = lambda p: report.ade20k_miou(p, labels)  # noqa: E731
   else:
     return {}
@@ -104,7 +159,7 @@ class Evaluator:
   def __init__(self, config, workdir: pathlib.Path, *, num_images=None,
                sampler=None, steps=None, guidance_scale=None, seed: int = 0,
                diversity_masks=None, diversity_samples=None,
-               batch_size=None):
+               batch_size=None, segmenter_backend=None):
     if "data" not in config:
       raise ConfigError(f"{workdir} has no dataset in its config (a "
                         "converted checkpoint?); evaluate folders with "
@@ -128,8 +183,13 @@ class Evaluator:
         "mask_stages": run_config.geometry(config).mask_stages,
     }
     self.num_classes = int(config.data.num_classes)
-    self.segmenter = ev.get("segmenter") or (
-        "synthetic" if config.data.source == "synthetic" else "none")
+    self.segmenter = segmenter_kind(config)
+    # What the segmenter's output is compared with, in its own ids.
+    self.seg_labels = (ade20k_ids(config.data)[self.labels]
+                       if self.segmenter == "ade20k" else self.labels)
+    # Checked now, so that a typo fails before any sampling.
+    self.segmenter_backend = seg_lib.check_backend(
+        segmenter_backend or ev.get("segmenter_backend") or "litert")
     self.extractor = inception.FeatureExtractor.load(self.batch_size)
     self.real_features = report.inception_features(
         list(self.real), self.extractor, workdir / CACHE_DIR,
@@ -152,8 +212,8 @@ class Evaluator:
                          kid_subset_size=min(1000, len(fake))),
         "lpips_diversity": (report.lpips_diversity(list(extra))
                             if self.k >= 2 else None),
-        **_segment_scores(self.segmenter, self.real, fake, self.labels,
-                          self.num_classes),
+        **_segment_scores(self.segmenter, self.real, fake, self.seg_labels,
+                          self.num_classes, self.segmenter_backend),
     }
     if picture is not None:
       colours = palette_lib.for_data(self.config.data)
@@ -166,12 +226,13 @@ class Evaluator:
         **report.PROTOCOL, "num_images": len(self.real),
         "resolution": self.size, "seed": self.seed, "ema": True, **self.opts,
         "diversity_masks": self.m, "diversity_samples": self.k,
-        "validation": report.describe_data(
-            validation_data_config(self.config)),
+        "validation": describe_validation(self.config),
         "inception_sha256": self.extractor.weights_sha256,
         "lpips_sha256": weights.sha256(lpips.weights_file("alex")),
-        "segmenter_sha256": (seg_lib.MODEL_SHA256
-                             if self.segmenter == "ade20k" else None),
+        "segmenter": (seg_lib.load(self.segmenter_backend).about()
+                      if self.segmenter == "ade20k" else
+                      {"name": self.segmenter}
+                      if self.segmenter != "none" else None),
     }
     return result
 
