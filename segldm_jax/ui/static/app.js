@@ -277,9 +277,11 @@ async function run(kind) {
   const started = performance.now();
   const bar = $("progress");
   bar.hidden = false; bar.removeAttribute("value");
+  let finished = false;  // a status answer that arrives later is stale
   const poll = setInterval(async () => {
     let s = null;
     try { s = await api("/api/status"); } catch (e) { return; }
+    if (finished) return;
     const secs = ((performance.now() - started) / 1000).toFixed(1);
     const job = s.running;
     if (job && job.total > 1) { bar.max = job.total; bar.value = job.done; }
@@ -296,6 +298,7 @@ async function run(kind) {
     showError(e.message);
     $("progress-text").textContent = "";
   } finally {
+    finished = true;
     clearInterval(poll);
     bar.hidden = true;
     state.busy = false;
