@@ -60,3 +60,15 @@ def fixtures_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
   return TESTS_DIR / "data"
+
+
+@pytest.fixture(scope="session")
+def ldm_tiny_workdir(tmp_path_factory) -> pathlib.Path:
+  """The reference's ldm_tiny checkpoint converted into a workdir, as users
+  convert a released model (32x32 images, 5 classes, real weights)."""
+  import convert_torch_ckpt  # pylint: disable=g-import-not-at-top
+  out = tmp_path_factory.mktemp("converted") / "ldm_tiny"
+  assert convert_torch_ckpt.main([
+      str(TESTS_DIR / "fixtures" / "ldm_tiny.ckpt"), "--config",
+      str(TESTS_DIR / "fixtures" / "ldm_tiny.yaml"), "--out", str(out)]) == 0
+  return out

@@ -272,14 +272,9 @@ def test_tile_seams_are_not_visible():
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-  import convert_torch_ckpt  # pylint: disable=g-import-not-at-top
-  out = tmp_path_factory.mktemp("cli") / "ldm"
-  assert convert_torch_ckpt.main(["tests/fixtures/ldm_tiny.ckpt", "--config",
-                                  "tests/fixtures/ldm_tiny.yaml", "--out",
-                                  str(out)]) == 0
-  return out
+@pytest.fixture(name="converted")
+def _converted(ldm_tiny_workdir):
+  return ldm_tiny_workdir
 
 
 def _png(path, array):

@@ -25,18 +25,8 @@ OPTIONS = {"sampler": "ddim", "steps": "4", "seed": "3", "count": "2"}
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  import convert_torch_ckpt  # pylint: disable=g-import-not-at-top
-  out = tmp_path_factory.mktemp("serve") / "ldm_tiny"
-  assert convert_torch_ckpt.main(["tests/fixtures/ldm_tiny.ckpt", "--config",
-                                  "tests/fixtures/ldm_tiny.yaml", "--out",
-                                  str(out)]) == 0
-  return out
-
-
-@pytest.fixture(scope="module")
-def lab(workdir):
-  model = trained_model.load(workdir, conv=xla_cpu.preferred_conv())
+def lab(ldm_tiny_workdir):
+  model = trained_model.load(ldm_tiny_workdir, conv=xla_cpu.preferred_conv())
   return studio_lib.Studio(model, max_queue=0)
 
 
@@ -81,7 +71,8 @@ def test_info_lists_classes_size_and_defaults(client):
   assert info["defaults"]["sampler"] == "ddim"
 
 
-def test_generate_gives_sample_py_pixels(client, workdir, tmp_path, capsys):
+def test_generate_gives_sample_py_pixels(client, ldm_tiny_workdir, tmp_path,
+                                         capsys):
   import sample  # pylint: disable=g-import-not-at-top
   ids = _two_regions()
   (tmp_path / "painted.png").write_bytes(_png(ids))
@@ -95,7 +86,7 @@ def test_generate_gives_sample_py_pixels(client, workdir, tmp_path, capsys):
                              "guidance_scale": 1.0, "seed": 3, "count": 2}
 
   capsys.readouterr()
-  assert sample.main(["--workdir", str(workdir), "--masks",
+  assert sample.main(["--workdir", str(ldm_tiny_workdir), "--masks",
                       str(tmp_path / "painted.png"), "--sampler", "ddim",
                       "--steps", "4", "--seed", "3", "--num_samples", "2",
                       "--out", str(tmp_path / "cli")]) == 0

@@ -25,14 +25,9 @@ BRUSH = 9      # diameter in mask pixels: a disc of radius 4
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
-  import convert_torch_ckpt  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp("page") / "ldm_tiny"
-  assert convert_torch_ckpt.main(["tests/fixtures/ldm_tiny.ckpt", "--config",
-                                  "tests/fixtures/ldm_tiny.yaml", "--out",
-                                  str(workdir)]) == 0
+def page(ldm_tiny_workdir, tmp_path_factory):
   downloads = tmp_path_factory.mktemp("downloads")
-  with headless.serve(workdir, "--max_queue", "0", "--warmup_count", "0"
+  with headless.serve(ldm_tiny_workdir, "--max_queue", "0", "--warmup_count", "0"
                       ) as (url, _), headless.chromium(downloads) as driver:
     driver.downloads = downloads
     yield headless.Page(driver, url)

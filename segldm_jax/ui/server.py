@@ -85,7 +85,12 @@ def create_app(studio: studio_lib.Studio) -> fastapi.FastAPI:
     return {"height": ids.shape[0], "width": ids.shape[1],
             "ids": base64.b64encode(ids.tobytes()).decode("ascii")}
 
-  def options(sampler, steps, guidance_scale, seed, count):
+  def options(sampler: str | None = fastapi.Form(None),
+              steps: int | None = fastapi.Form(None),
+              guidance_scale: float | None = fastapi.Form(None),
+              seed: int | None = fastapi.Form(None),
+              count: int | None = fastapi.Form(None)) -> studio_lib.Options:
+    """The form's sampling fields (each optional), checked."""
     return studio_lib.Options.parse(studio.defaults, sampler, steps,
                                     guidance_scale, seed, count)
 
@@ -104,26 +109,18 @@ def create_app(studio: studio_lib.Studio) -> fastapi.FastAPI:
 
   @app.post("/api/generate")
   def generate(mask: fastapi.UploadFile,
-               sampler: str | None = fastapi.Form(None),
-               steps: int | None = fastapi.Form(None),
-               guidance_scale: float | None = fastapi.Form(None),
-               seed: int | None = fastapi.Form(None),
-               count: int | None = fastapi.Form(None)) -> dict[str, Any]:
+               opts: studio_lib.Options = fastapi.Depends(options)
+               ) -> dict[str, Any]:
     start = time.monotonic()
-    opts = options(sampler, steps, guidance_scale, seed, count)
     ids = studio.read_labels(mask.file.read(), mask.filename)
     return answer(studio.generate(ids, opts), ids, opts, start)
 
   @app.post("/api/edit")
   def edit(photo: fastapi.UploadFile, labels: fastapi.UploadFile,
            new_labels: fastapi.UploadFile,
-           sampler: str | None = fastapi.Form(None),
-           steps: int | None = fastapi.Form(None),
-           guidance_scale: float | None = fastapi.Form(None),
-           seed: int | None = fastapi.Form(None),
-           count: int | None = fastapi.Form(None)) -> dict[str, Any]:
+           opts: studio_lib.Options = fastapi.Depends(options)
+           ) -> dict[str, Any]:
     start = time.monotonic()
-    opts = options(sampler, steps, guidance_scale, seed, count)
     old = studio.read_labels(labels.file.read(), labels.filename)
     new = studio.read_labels(new_labels.file.read(), new_labels.filename)
     image = studio.read_photo(photo.file.read(), photo.filename, old.shape)
