@@ -17,7 +17,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "segldm_jax"
 SCRIPTS = ("train.py", "sample.py", "convert_torch_ckpt.py",
-           "export_torch_ckpt.py")
+           "export_torch_ckpt.py", "evaluate.py", "serve.py")
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -148,6 +148,8 @@ def _function_lines(path: pathlib.Path, name: str) -> int:
 
 
 @pytest.mark.parametrize("script, limit", [("train.py", 150),
-                                           ("sample.py", 80)])
+                                           ("sample.py", 80),
+                                           ("evaluate.py", 80),
+                                           ("serve.py", 40)])
 def test_entry_points_stay_short(script, limit):
   assert _function_lines(ROOT / script, "main") <= limit
