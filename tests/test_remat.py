@@ -114,6 +114,20 @@ def test_block_remat_frees_the_activations_in_the_compiled_program():
   assert temps["block"] < 0.5 * temps["none"], temps
 
 
+def test_bf16_weight_casts_after_the_latents_are_the_plain_casts():
+  # ldm_training._cast_after multiplies by a 1 made from the latents (a
+  # scheduling constraint on CPU): the weights must come out bit for bit,
+  # signed zeros included.
+  params = {"w": jnp.asarray([1.5, -0.0, 3e-8, -1e30, 0.1], jnp.float32)}
+  z = jnp.asarray([[0.25, -2.0]], jnp.float32)
+  cast = jax.jit(ldm_training._cast_after, static_argnums=2)(
+      z, params, jnp.bfloat16)
+  np.testing.assert_array_equal(
+      np.asarray(cast["w"]).view(np.uint16),
+      np.asarray(params["w"].astype(jnp.bfloat16)).view(np.uint16))
+  assert ldm_training._cast_after(z, params, jnp.float32) is params
+
+
 def test_chunked_encoder_gives_the_same_latents():
   ldm, _, fs, batch = _model_and_inputs()
   image = batch["image"].astype(np.float32) / 127.5 - 1.0
