@@ -55,8 +55,9 @@ def abstract_train_step(size: str, batch: int, dtype: str, remat: str,
   """-> (jitted step, abstract args (state, batch, fs_params, key)).
 
   `conv`: the 3x3 convolutions (layers.CONV_IMPLS); train.py takes
-  xla_cpu.preferred_conv(), Winograd's on CPU, which only changes float32
-  steps (bf16 convolutions always go to XLA).
+  xla_cpu.preferred_conv(), Winograd's on CPU. It changes only float32
+  convolutions (bf16 ones always go to XLA): the frozen encoder's in every
+  step, the UNet's in a float32 step.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
