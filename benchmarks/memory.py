@@ -51,8 +51,14 @@ def nbytes(tree) -> int:
 
 
 def abstract_train_step(size: str, batch: int, dtype: str, remat: str,
-                        encode_chunks: int = 1):
-  """-> (jitted step, abstract args (state, batch, fs_params, key))."""
+                        encode_chunks: int = 1, conv: str = "xla"):
+  """-> (jitted step, abstract args (state, batch, fs_params, key)).
+
+  `conv`: the 3x3 convolutions (layers.CONV_IMPLS); train.py takes
+  xla_cpu.preferred_conv(), Winograd's on CPU. It changes only float32
+  convolutions (bf16 ones always go to XLA): the frozen encoder's in every
+  step, the UNet's in a float32 step.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -64,7 +70,7 @@ def abstract_train_step(size: str, batch: int, dtype: str, remat: str,
   config.train.batch_size = batch
   config.train.remat = remat
   config.train.encode_chunks = encode_chunks
-  ldm = build.build_model(config.model, dtype=jnp.float32)
+  ldm = build.build_model(config.model, dtype=jnp.float32, conv=conv)
   optimizer = ldm_training.make_optimizer(config.train)
   params = {"unet": build.param_shapes(ldm.unet),
             "cond_stage": build.param_shapes(ldm.cond_stage)}
@@ -194,6 +200,9 @@ def main(argv=None) -> int:
       ap, remat_help=f"comma-separated subset of {','.join(REMATS)}")
   ap.add_argument("--explain", type=int, default=0, metavar="N",
                   help="print the N largest buffers live at the peak")
+  ap.add_argument("--conv", choices=("xla", "winograd"), default=None,
+                  help="3x3 convolutions (default: train.py's for the "
+                  "backend, Winograd's on CPU)")
   ap.add_argument("--no_xnnpack", action="store_true",
                   help="CPU: XLA's default convolutions (not train.py's)")
   ap.add_argument("--json", default="", help="also write the results here")
@@ -207,15 +216,16 @@ def main(argv=None) -> int:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_dump_to={dump_dir}"
                                " --xla_dump_hlo_module_re=.*jit_step.*")
+  from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   if not args.no_xnnpack:
-    from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
     xla_cpu.use_xnnpack_convolutions()  # as train.py
   import jax  # pylint: disable=g-import-not-at-top
+  conv = args.conv or xla_cpu.preferred_conv()
 
   gb = 1e9
   results = {}
   print(f"{args.size}, batch {args.batch}, {args.dtype}, encode_chunks "
-        f"{args.encode_chunks}, "
+        f"{args.encode_chunks}, conv {conv}, "
         f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}); "
         "GB = 1e9 bytes")
   print("| remat | params | AdamW | EMA | first stage | batch | arguments "
@@ -224,7 +234,7 @@ def main(argv=None) -> int:
   print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for remat in remats:
     step, abstract = abstract_train_step(args.size, args.batch, args.dtype,
-                                         remat, args.encode_chunks)
+                                         remat, args.encode_chunks, conv)
     r = split(step.lower(*abstract).compile(), abstract)
     r["kept_for_backward"] = _kept(args, remat, abstract)
     results[remat] = r
@@ -242,6 +252,7 @@ def main(argv=None) -> int:
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"size": args.size, "batch": args.batch, "dtype": args.dtype,
+                 "conv": conv,
                  "platform": jax.devices()[0].platform, "bytes": results},
                 f, indent=1)
   return 0

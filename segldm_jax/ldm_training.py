@@ -170,7 +170,7 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
       # has no bias), so "unconditional" and "don't care" are one input.
       c = c * keep[:, None, None, None]
     x_t = objective.q_sample(schedule, z, t, noise)
-    unet_params = jax.tree.map(lambda p: p.astype(compute_dtype), params["unet"])
+    unet_params = _cast_after(z, params["unet"], compute_dtype)
     out = ldm.denoise(unet_params, x_t.astype(compute_dtype), t,
                       c.astype(compute_dtype), train=True,
                       rngs={"dropout": dropout_key})
@@ -249,6 +249,24 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
     return new, metrics
 
   return step
+
+
+def _cast_after(x: jax.Array, params, dtype):
+  """`params` cast to `dtype`, not before `x` (the latents) exists.
+
+  XLA:CPU casts every UNet weight to bf16 (and back to float32, for its
+  float32 convolutions) at the start of the step, where 1.2 GB of copies of
+  the reference UNet then wait through the frozen encoder's peak. Multiplied
+  by a 1 computed from `x` first, they cannot be made earlier. The 1 is
+  exact while `x` is finite (the loss is not, otherwise), so the weights
+  are the same; float32 steps are left as they are.
+  """
+  if dtype == jnp.float32:
+    return params
+  if jax.default_backend() == "cpu":
+    one = x.reshape(-1)[0].astype(jnp.float32) * 0 + 1
+    params = jax.tree.map(lambda p: p * one.astype(p.dtype), params)
+  return jax.tree.map(lambda p: p.astype(dtype), params)
 
 
 def micro_batches(x: jax.Array, k: int) -> jax.Array:

@@ -5,7 +5,8 @@ Submodule names follow the reference's state_dict: `input_blocks_{k}_{j}`,
 
 `remat` (train.remat) recomputes each residual and attention block's
 activations in the backward pass instead of keeping them: flax's `nn.remat`
-keeps the module names, so the parameter tree is the same with or without.
+keeps the module names, so the parameter tree is the same with or without;
+`_after_its_gradient` makes each recomputation wait for the backward pass.
 """
 
 import math
@@ -36,6 +37,40 @@ REMAT_POLICIES = {
     "block": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": _convs_and_dots_saveable,
 }
+
+
+def _after_its_gradient(block: nn.Module, *args, static=()) -> jax.Array:
+  """`block(*args, *static)` (an `nn.remat` module) whose recomputation in
+  the backward pass cannot start before the gradient of its output exists.
+
+  `jax.checkpoint` puts an optimisation barrier on the saved inputs alone,
+  so XLA may schedule the recomputation as soon as those exist. XLA:CPU
+  also drops optimisation barriers before scheduling, and its scheduler
+  moved every block's recomputed forward (with the float32 copies of its
+  bf16 activations) into the forward pass, where all of them stayed live
+  until the backward pass reached them: remat saved no memory on CPU
+  (BENCHMARKS.md). Here the saved values and the output's gradient pass one
+  barrier together; on CPU, where the barrier is gone, the saved values are
+  also multiplied by a 1 computed from the gradient. That 1 is exact while
+  the gradient is finite (a non-finite one makes the block's bias gradients,
+  and so the step, non-finite either way), so the values are the same and
+  only the schedule changes. (A conditional, the other way to wait on an
+  operand, ran the CPU step 8x slower.)
+  """
+  def call(mdl, *xs):
+    return mdl(*xs, *static)
+
+  def backward(vjp_fn, g):
+    saved, tree = jax.tree.flatten(vjp_fn)
+    saved, g = jax.lax.optimization_barrier((saved, g))
+    if jax.default_backend() == "cpu":
+      one = g.reshape(-1)[0].astype(jnp.float32) * 0 + 1
+      saved = [x * one.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+               else x for x in saved]
+    return jax.tree.unflatten(tree, saved)(g)
+
+  return nn.custom_vjp(call, forward_fn=lambda mdl, *xs: nn.vjp(call, mdl, *xs),
+                       backward_fn=backward)(block, *args)
 
 
 def timestep_embedding(t: jax.Array, dim: int,
@@ -200,13 +235,20 @@ class UNetModel(nn.Module):
                    name="time_embed_2")(nn.silu(emb))
     self.sow("intermediates", "emb", emb)
 
+    def run(block, *xs, static=()):
+      if self.remat == "none":
+        return block(*xs, *static)
+      return _after_its_gradient(block, *xs, static=static)
+
     def res(ch, name, resample=None):
-      return res_cls(ch, self.use_scale_shift_norm, resample, self.dropout, dt,
-                     name=name, conv=self.conv)
+      block = res_cls(ch, self.use_scale_shift_norm, resample, self.dropout,
+                      dt, name=name, conv=self.conv)
+      return lambda h, emb, train: run(block, h, emb, static=(train,))
 
     def attn(ch, name, upsample=False):
-      return attn_cls(self._heads(ch, upsample),
-                            self.use_new_attention_order, dt, name=name)
+      block = attn_cls(self._heads(ch, upsample), self.use_new_attention_order,
+                       dt, name=name)
+      return lambda h: run(block, h)
 
     h = layers.conv3x3(self.model_channels, dt, "input_blocks_0_0",
                        conv=self.conv)(x.astype(dt))
