@@ -19,6 +19,7 @@ from segldm_jax.data import device as data_device
 from segldm_jax.data.base import IGNORE_ID
 from segldm_jax.diffusion import objective
 from segldm_jax.models import build
+from segldm_jax.models import unet as unet_lib
 from segldm_jax.models.ldm import LatentDiffusion
 
 Params = Any
@@ -257,16 +258,15 @@ def _cast_after(x: jax.Array, params, dtype):
   XLA:CPU casts every UNet weight to bf16 (and back to float32, for its
   float32 convolutions) at the start of the step, where 1.2 GB of copies of
   the reference UNet then wait through the frozen encoder's peak. Multiplied
-  by a 1 computed from `x` first, they cannot be made earlier. The 1 is
-  exact while `x` is finite (the loss is not, otherwise), so the weights
-  are the same; float32 steps are left as they are.
+  by a 1 computed from `x` first (`unet.one_after`), they cannot be made
+  earlier. The 1 is exact while `x` is finite (the loss is not, otherwise),
+  so the weights are the same; float32 steps are left as they are.
   """
   if dtype == jnp.float32:
     return params
-  if jax.default_backend() == "cpu":
-    one = x.reshape(-1)[0].astype(jnp.float32) * 0 + 1
-    params = jax.tree.map(lambda p: p * one.astype(p.dtype), params)
-  return jax.tree.map(lambda p: p.astype(dtype), params)
+  one = unet_lib.one_after(x)
+  return jax.tree.map(lambda p: (p * one.astype(p.dtype)).astype(dtype),
+                      params)
 
 
 def micro_batches(x: jax.Array, k: int) -> jax.Array:

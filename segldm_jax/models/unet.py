@@ -39,6 +39,13 @@ REMAT_POLICIES = {
 }
 
 
+def one_after(x: jax.Array) -> jax.Array:
+  """A float32 1 that XLA can only compute once `x` exists: multiplying by
+  it orders work after `x` where optimisation barriers are dropped (XLA:CPU
+  removes them before scheduling). Exact while `x` is finite."""
+  return x.reshape(-1)[0].astype(jnp.float32) * 0 + 1
+
+
 def _after_its_gradient(block: nn.Module, *args, static=()) -> jax.Array:
   """`block(*args, *static)` (an `nn.remat` module) whose recomputation in
   the backward pass cannot start before the gradient of its output exists.
@@ -50,12 +57,13 @@ def _after_its_gradient(block: nn.Module, *args, static=()) -> jax.Array:
   bf16 activations) into the forward pass, where all of them stayed live
   until the backward pass reached them: remat saved no memory on CPU
   (BENCHMARKS.md). Here the saved values and the output's gradient pass one
-  barrier together; on CPU, where the barrier is gone, the saved values are
-  also multiplied by a 1 computed from the gradient. That 1 is exact while
-  the gradient is finite (a non-finite one makes the block's bias gradients,
-  and so the step, non-finite either way), so the values are the same and
-  only the schedule changes. (A conditional, the other way to wait on an
-  operand, ran the CPU step 8x slower.)
+  barrier together, and, for backends that drop the barrier, the saved
+  values are also multiplied by a 1 computed from the gradient: a data
+  dependence no scheduler can reorder, at the price of one fused multiply.
+  That 1 is exact while the gradient is finite (a non-finite one makes the
+  block's bias gradients, and so the step, non-finite either way), so the
+  values are the same and only the schedule changes. (A conditional, the
+  other way to wait on an operand, ran the CPU step 8x slower.)
   """
   def call(mdl, *xs):
     return mdl(*xs, *static)
@@ -63,10 +71,9 @@ def _after_its_gradient(block: nn.Module, *args, static=()) -> jax.Array:
   def backward(vjp_fn, g):
     saved, tree = jax.tree.flatten(vjp_fn)
     saved, g = jax.lax.optimization_barrier((saved, g))
-    if jax.default_backend() == "cpu":
-      one = g.reshape(-1)[0].astype(jnp.float32) * 0 + 1
-      saved = [x * one.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-               else x for x in saved]
+    one = one_after(g)
+    saved = [x * one.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+             else x for x in saved]
     return jax.tree.unflatten(tree, saved)(g)
 
   return nn.custom_vjp(call, forward_fn=lambda mdl, *xs: nn.vjp(call, mdl, *xs),
