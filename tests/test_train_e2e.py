@@ -32,7 +32,6 @@ from segldm_jax.models import build
 
 ROOT = pathlib.Path(__file__).parents[1]
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-SFLCKR = pathlib.Path(__file__).parent / "data" / "sflckr"
 
 # Steps take ~50 ms here, so 60 of them leave time to kill a run between two
 # committed checkpoints.
@@ -246,21 +245,6 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, env):
   saved = _steps(wd)
   assert len(saved) == 1 and saved[0] >= 3
   assert saved[0] == max(_losses(wd))
-
-
-def test_reference_recipe_trains_on_sflckr_folders(tmp_path, env):
-  wd = tmp_path / "sflckr"
-  r = _train(wd, env, "--config.data.source=folder",
-             f"--config.data.image_dir={SFLCKR / 'images'}",
-             f"--config.data.mask_dir={SFLCKR / 'segmentations'}",
-             "--config.train.batch_size=1", "--config.train.steps=3",
-             "--config.train.checkpoint_every=3")
-  assert _steps(wd) == [3]
-  assert sorted(_losses(wd)) == [1, 2, 3]
-  config = json.loads((wd / "config.json").read_text())
-  rescaler = config["model"]["params"]["cond_stage_config"]["params"]
-  assert rescaler["in_channels"] == 182 and rescaler["n_stages"] == 2
-  assert "resuming" not in r.stderr
 
 
 def test_without_a_first_stage_it_trains_one_then_reuses_it(tmp_path, env):
