@@ -127,28 +127,6 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(uninterrupted, tmp_path,
   assert [e.step for e in events if e.summary.value] == list(range(1, 61))
 
 
-def test_a_second_run_on_the_same_workdir_is_refused(tmp_path, env):
-  wd = tmp_path / "busy"
-  first = subprocess.Popen(
-      [sys.executable, str(ROOT / "train.py"), "--config",
-       str(ROOT / "configs/seg_f4.py:tiny"), "--workdir", str(wd), *SYNTHETIC,
-       *RUN], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 300
-  lock = wd / "run.lock"
-  while time.time() < deadline and not (lock.exists() and lock.read_text()):
-    time.sleep(0.05)
-  r = _train(wd, env, *RUN, check=False)
-  assert r.returncode == 1
-  assert re.fullmatch(
-      rf"error: workdir {re.escape(str(wd))} is in use by another run \(host "
-      rf"{re.escape(socket.gethostname())}, pid {first.pid}, since \S+\); "
-      r"wait for it to end or stop it, or use another --workdir",
-      r.stderr.strip().splitlines()[-1]), r.stderr[-1000:]
-  assert first.wait(timeout=600) == 0, first.stderr.read().decode()[-2000:]
-  assert sorted(_losses(wd)) == list(range(1, 61))  # the first run, untouched
-  assert lock.read_text() == ""  # released at its clean end
-
-
 def test_a_corrupt_checkpoint_falls_back_in_train_and_is_refused_by_sample(
     uninterrupted, tmp_path, env):
   wd = pathlib.Path(shutil.copytree(uninterrupted, tmp_path / "corrupt"))
@@ -228,14 +206,32 @@ def test_five_sigkills_at_random_moments_lose_nothing(uninterrupted, tmp_path,
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, env):
+def test_a_second_run_is_refused_and_sigterm_saves_and_exits_cleanly(
+    tmp_path, env):
+  """While a run trains, a second train.py on its workdir is refused in one
+  line naming the first and leaves it untouched; SIGTERM then makes the
+  first save its step, exit 0 and release the lock. (One long run serves
+  both: each used to start and train one of its own.)"""
   wd = tmp_path / "term"
+  long_run = ("--config.train.steps=100000",
+              "--config.train.checkpoint_every=1000")
   proc = subprocess.Popen(
       [sys.executable, str(ROOT / "train.py"), "--config",
        str(ROOT / "configs/seg_f4.py:tiny"), "--workdir", str(wd), *SYNTHETIC,
-       "--config.train.steps=100000", "--config.train.checkpoint_every=1000"],
-      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+       *long_run], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 600
+  lock = wd / "run.lock"
+  while time.time() < deadline and not (lock.exists() and lock.read_text()):
+    time.sleep(0.05)
+  r = _train(wd, env, *long_run, check=False)
+  assert r.returncode == 1
+  assert re.fullmatch(
+      rf"error: workdir {re.escape(str(wd))} is in use by another run \(host "
+      rf"{re.escape(socket.gethostname())}, pid {proc.pid}, since \S+\); "
+      r"wait for it to end or stop it, or use another --workdir",
+      r.stderr.strip().splitlines()[-1]), r.stderr[-1000:]
+  assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+
   while time.time() < deadline and proc.poll() is None:
     if (wd / "metrics.jsonl").exists() and max(_losses(wd) or [0]) >= 3:
       break
@@ -245,6 +241,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, env):
   saved = _steps(wd)
   assert len(saved) == 1 and saved[0] >= 3
   assert saved[0] == max(_losses(wd))
+  # The first run, untouched by the refused one: every step logged once.
+  assert sorted(_losses(wd)) == list(range(1, saved[0] + 1))
+  assert lock.read_text() == ""  # released at its clean end
 
 
 def test_without_a_first_stage_it_trains_one_then_reuses_it(tmp_path, env):
