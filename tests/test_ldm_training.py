@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from segldm_jax import convert
 from segldm_jax import ldm_training
 from segldm_jax.models import build
 
@@ -130,13 +131,18 @@ def test_nonfinite_step_is_counted_when_stopping():
 def test_cond_drop_trains_the_unconditional_model():
   """Classifier-free guidance's training side: with every mask dropped the
   loss does not depend on the rescaler (its Adam moment stays exactly 0);
-  without dropout (the reference step the tests above compiled) it does."""
+  without dropout (the reference step the tests above compiled) it does.
+  The fixture's converted weights: a fresh UNet's zero output layer passes
+  no gradient back to its input on the first step."""
+  conv = convert.convert_checkpoint("tests/fixtures/ldm_tiny.ckpt",
+                                    "tests/fixtures/ldm_tiny.yaml")
+  params = {k: conv.params[k] for k in ("unet", "cond_stage")}
+  batch = _setup()[3]
 
   def rescaler_moment(cond_drop_prob):
-    _, params, fs, batch = _setup()
     opt, step = _compiled(1, "stop", cond_drop_prob)
-    state, _ = step(ldm_training.init_state(params, opt), batch, fs,
-                    jax.random.key(0))
+    state, _ = step(ldm_training.init_state(params, opt), batch,
+                    conv.params["first_stage"], jax.random.key(0))
     mu = optax.tree_utils.tree_get(state.opt_state, "mu")["cond_stage"]
     return float(optax.global_norm(mu))
 
