@@ -18,6 +18,7 @@ cheap).
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ import pytest
 from PIL import Image
 
 from segldm_jax import checkpoints
+from segldm_jax import layout
 from segldm_jax import metrics
 from segldm_jax import parallel
 from segldm_jax import run_config
@@ -184,8 +186,14 @@ def _finish(procs, logs, timeout=600):
   return [p.returncode for p in procs], [e.read_text() for _, e in logs]
 
 
-def test_preemption_and_a_lost_process(tmp_path):
+def test_preemption_and_a_lost_process(runs, tmp_path):
   workdir = tmp_path / "run"
+  # The first stage `runs` saved (seed 0's random weights, what this run
+  # would make): two processes that both write it race, and process 1 can
+  # find process 0's model.yaml before its params/ and stop (a library race,
+  # segldm_jax/first_stage.py `prepare`, seen once here).
+  shutil.copytree(runs / "multi" / layout.FIRST_STAGE_DIR,
+                  workdir / layout.FIRST_STAGE_DIR)
 
   # 1. SIGTERM to process 1 only: both stop at the same step, save it and
   #    exit 0.
