@@ -52,6 +52,29 @@ def pytest_terminal_summary(terminalreporter):
       "(tests/conftest.py)")
 
 
+# `make test` runs `-n 2 --dist loadfile`: xdist hands out whole files, by
+# default those with the most tests first, which left the few-test files that
+# each run several train.py processes for the end, one worker busy while the
+# other waited. These go first instead (longest first), the rest follow in
+# collection order and fill in. Rank by `--durations=0` when a file grows.
+SLOW_FILES_FIRST = (
+    "test_train_e2e.py", "test_multiprocess.py", "test_datasets.py",
+    "test_sharded_training.py", "test_guidance_edit_tiles.py",
+    "test_benchmarks.py", "test_ldm_training.py", "test_remat.py",
+    "test_vq_training.py", "test_config_errors.py", "test_data_robustness.py",
+)
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # xdist loaded
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("SEGLDM_FIXTURES", TESTS_DIR / "fixtures"))

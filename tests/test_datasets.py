@@ -5,6 +5,9 @@ Each look-alike holds a few 64x64 records whose label maps use the real
 conventions (ADE20K 0 = other, 1..150; COCO-Stuff 0..181, 255 unlabeled;
 Cityscapes labelIds 0..33 beside the files gtFine ships that are not label
 maps), so a wrong folder, suffix or id table shows as a wrong record here.
+Each variant trains 3 steps through train.py, and so does the reference
+recipe on plain folders (tests/data/sflckr), after coco_stuff: its 182-class
+train step is the same program, read back from the compilation cache.
 """
 
 import io
@@ -298,31 +301,51 @@ def test_tfds_per_pixel_classes_with_the_readme_keys(tmp_path):
       "on ADEChallengeData2016 with configs/seg_f4.py:ade20k")
 
 
+SFLCKR = pathlib.Path(__file__).parent / "data" / "sflckr"
+
+
+def _start_train(workdir, env, config, *args):
+  """train.py in the background; output to files beside the workdir (a full
+  pipe would stall one run while we wait on another)."""
+  with open(workdir.parent / "out", "w") as out, \
+      open(workdir.parent / "err", "w") as err:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--config",
+         str(ROOT / f"configs/seg_f4.py:{config}"), "--workdir", str(workdir),
+         "--config.first_stage.allow_random_init=True",
+         "--config.train.steps=3", "--config.train.batch_size=1",
+         "--config.train.checkpoint_every=3",
+         "--config.train.sample_every=0", *args],
+        env=env, stdout=out, stderr=err, text=True)
+
+
 @pytest.fixture(scope="module")
 def runs(roots, env, tmp_path_factory):
   """3 steps of each variant on its look-alike, the three train.py started
-  at once: most of a run is compiling, one core each."""
+  at once: most of a run is compiling, one core each. Then the reference
+  recipe on the sflckr folders: the same 182-class program as coco_stuff's,
+  read back from the session's compilation cache."""
   procs = {}
   for name in BANDS:
     workdir = tmp_path_factory.mktemp(f"run_{name}") / "workdir"
-    # Files, not pipes: a full pipe would stall one run while we wait on
-    # another.
-    with open(workdir.parent / "out", "w") as out, \
-        open(workdir.parent / "err", "w") as err:
-      procs[name] = workdir, subprocess.Popen(
-          [sys.executable, str(ROOT / "train.py"),
-           "--config", str(ROOT / f"configs/seg_f4.py:{name},tiny"),
-           "--workdir", str(workdir), f"--config.data.root={roots[name]}",
-           "--config.first_stage.allow_random_init=True",
-           "--config.train.steps=3", "--config.train.batch_size=1",
-           "--config.train.checkpoint_every=3",
-           "--config.train.sample_every=0"],
-          env=env, stdout=out, stderr=err, text=True)
+    procs[name] = workdir, _start_train(workdir, env, f"{name},tiny",
+                                        f"--config.data.root={roots[name]}")
   for _, proc in procs.values():
     proc.wait(timeout=900)
+  workdir = tmp_path_factory.mktemp("run_sflckr") / "workdir"
+  procs["sflckr"] = workdir, _start_train(
+      workdir, env, "tiny", "--config.data.source=folder",
+      f"--config.data.image_dir={SFLCKR / 'images'}",
+      f"--config.data.mask_dir={SFLCKR / 'segmentations'}")
+  procs["sflckr"][1].wait(timeout=900)
   return {name: (workdir, (workdir.parent / "out").read_text(),
                  (workdir.parent / "err").read_text())
           for name, (workdir, _) in procs.items()}
+
+
+def _metrics(workdir):
+  return [json.loads(line) for line in
+          (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("name", list(BANDS))
@@ -330,8 +353,7 @@ def test_each_variant_trains_three_steps(runs, name):
   workdir, stdout, stderr = runs[name]
   assert stdout.strip(), stderr[-3000:]
   assert json.loads(stdout.strip().splitlines()[-1])["checkpoint"] == 3
-  rows = [json.loads(line) for line in
-          (workdir / "metrics.jsonl").read_text().splitlines()]
+  rows = _metrics(workdir)
   assert [row["step"] for row in rows] == [1, 2, 3]
   assert all(np.isfinite(row["loss"]) for row in rows)
   saved = json.loads((workdir / "config.json").read_text())
@@ -340,3 +362,16 @@ def test_each_variant_trains_three_steps(runs, name):
   assert saved["data"]["dataset"] == name
   assert (saved["model"]["params"]["cond_stage_config"]["params"]
           ["in_channels"]) == classes
+
+
+def test_reference_recipe_trains_on_sflckr_folders(runs):
+  """Plain image and mask folders, no dataset name (tests/data/sflckr)."""
+  workdir, stdout, stderr = runs["sflckr"]
+  assert stdout.strip(), stderr[-3000:]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == [3]
+  assert [row["step"] for row in _metrics(workdir)] == [1, 2, 3]
+  config = json.loads((workdir / "config.json").read_text())
+  rescaler = config["model"]["params"]["cond_stage_config"]["params"]
+  assert rescaler["in_channels"] == 182 and rescaler["n_stages"] == 2
+  assert "resuming" not in stderr

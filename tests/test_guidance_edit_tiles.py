@@ -45,29 +45,6 @@ def _blocks(n: int, size: int, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def _cond_grad_norm(cond_drop_prob: float) -> float:
-  """|mean Adam moment| of the rescaler after one step (0 iff no gradient)."""
-  import optax  # pylint: disable=g-import-not-at-top
-  from segldm_jax import ldm_training  # pylint: disable=g-import-not-at-top
-  ldm, params, fs = _model()
-  cfg = {"base_learning_rate": 1e-4, "batch_size": 4,
-         "cond_drop_prob": cond_drop_prob}
-  opt = ldm_training.make_optimizer(cfg)
-  rs = np.random.RandomState(0)
-  batch = {"image": rs.randint(0, 256, (4, 32, 32, 3)).astype(np.uint8),
-           "labels": _blocks(4, 32, 3)}
-  state, _ = jax.jit(ldm_training.make_train_step(ldm, opt, cfg))(
-      ldm_training.init_state(params, opt), batch, fs, jax.random.key(0))
-  mu = optax.tree_utils.tree_get(state.opt_state, "mu")["cond_stage"]
-  return float(optax.global_norm(mu))
-
-
-def test_cond_drop_trains_the_unconditional_model():
-  assert _cond_grad_norm(0.0) > 0.0
-  # Every mask dropped: the loss does not depend on the rescaler at all.
-  assert _cond_grad_norm(1.0 - 1e-7) == 0.0
-
-
 def test_drop_regions_blanks_one_box_per_chosen_sample():
   from segldm_jax import ldm_training  # pylint: disable=g-import-not-at-top
   labels = jnp.asarray(_blocks(64, 32, 0))

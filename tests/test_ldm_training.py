@@ -1,4 +1,5 @@
-"""The train step: exact accumulation, EMA warm-up, frozen first stage."""
+"""The train step: exact accumulation, EMA warm-up, frozen first stage,
+conditioning dropout."""
 
 import functools
 
@@ -8,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from segldm_jax import convert
 from segldm_jax import ldm_training
 from segldm_jax.models import build
 
@@ -26,10 +28,16 @@ def _setup():
   return ldm, params, fs, batch
 
 
+def _compiled(accum, nonfinite="stop", cond_drop_prob=0.0):
+  # One key per program: _compiled(1) and _compiled(1, "stop") are the same.
+  return _compiled_once(accum, nonfinite, cond_drop_prob)
+
+
 @functools.cache
-def _compiled(accum, nonfinite="stop"):
+def _compiled_once(accum, nonfinite, cond_drop_prob):
   ldm = _setup()[0]
-  cfg = dict(TRAIN, grad_accum=accum, nonfinite=nonfinite)
+  cfg = dict(TRAIN, grad_accum=accum, nonfinite=nonfinite,
+             cond_drop_prob=cond_drop_prob)
   opt = ldm_training.make_optimizer(cfg)
   return opt, jax.jit(ldm_training.make_train_step(ldm, opt, cfg))
 
@@ -118,3 +126,25 @@ def test_nonfinite_step_is_counted_when_stopping():
   new, metrics = step(new, batch, bad_fs, jax.random.key(0))
   assert not bool(metrics["finite"]) and int(new.skipped) == 1
   assert not all(np.isfinite(x).all() for x in jax.tree.leaves(new.params))
+
+
+def test_cond_drop_trains_the_unconditional_model():
+  """Classifier-free guidance's training side: with every mask dropped the
+  loss does not depend on the rescaler (its Adam moment stays exactly 0);
+  without dropout (the reference step the tests above compiled) it does.
+  The fixture's converted weights: a fresh UNet's zero output layer passes
+  no gradient back to its input on the first step."""
+  conv = convert.convert_checkpoint("tests/fixtures/ldm_tiny.ckpt",
+                                    "tests/fixtures/ldm_tiny.yaml")
+  params = {k: conv.params[k] for k in ("unet", "cond_stage")}
+  batch = _setup()[3]
+
+  def rescaler_moment(cond_drop_prob):
+    opt, step = _compiled(1, "stop", cond_drop_prob)
+    state, _ = step(ldm_training.init_state(params, opt), batch,
+                    conv.params["first_stage"], jax.random.key(0))
+    mu = optax.tree_utils.tree_get(state.opt_state, "mu")["cond_stage"]
+    return float(optax.global_norm(mu))
+
+  assert rescaler_moment(0.0) > 0.0
+  assert rescaler_moment(1.0 - 1e-7) == 0.0
