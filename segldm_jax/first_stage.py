@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from segldm_jax import checkpoints
 from segldm_jax import errors
 from segldm_jax import layout
+from segldm_jax import parallel
 from segldm_jax import run_config
 from segldm_jax import vq_training
 from segldm_jax.data.device import images_to_model_range
@@ -84,6 +85,10 @@ def prepare(config, workdir: pathlib.Path, mesh, source, **build_kw):
   (e.g. conv) goes to the model builder."""
   own = workdir / layout.FIRST_STAGE_DIR
   fs = config.first_stage
+  # Every process must see the workdir as it was before any of them writes
+  # a first stage into it: a late process would otherwise find process 0's
+  # model.yaml without its weights and take another branch.
+  parallel.barrier("first_stage:look")
   found = load_existing(config, workdir, **build_kw)
   if found is not None:
     module, params, node = found

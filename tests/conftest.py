@@ -61,6 +61,7 @@ SLOW_FILES_FIRST = (
     "test_train_e2e.py", "test_multiprocess.py", "test_datasets.py",
     "test_sharded_training.py", "test_guidance_edit_tiles.py",
     "test_benchmarks.py", "test_ldm_training.py", "test_remat.py",
+    "test_serve_browser.py", "test_serve_api.py",
     "test_vq_training.py", "test_config_errors.py", "test_data_robustness.py",
 )
 
