@@ -21,6 +21,7 @@ from ml_collections import config_flags
 from segldm_jax import compilation_cache
 from segldm_jax import errors
 from segldm_jax import formatting
+from segldm_jax import parallel
 from segldm_jax import run_config
 
 _OVERRIDE = re.compile(r"--(?:no)?config\.([^=\s]+)")
@@ -126,7 +127,9 @@ def main_exits(main: Callable[..., int]) -> Callable[..., int]:
     try:
       status = main(*args, **kwargs)
     except errors.UserError as e:
-      print(error_line(e), file=sys.stderr)
+      line = error_line(e)
+      print(line, file=sys.stderr)
+      parallel.end_after_error(line)  # multi-process: do not wait for peers
       return 1
     compilation_cache.report()
     return status

@@ -21,7 +21,7 @@ import shlex
 import sys
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import flags as absl_flags
 import jax
@@ -378,6 +378,22 @@ def preemption_requested(step: int) -> bool:
 
 _ALIVE = "segldm/alive/"
 _DONE = "segldm/done/"
+_FAILED = "segldm/failed/"
+# Set by `watch_peers`: how this process leaves after an error of its own.
+_end_after_error: Callable[[str], None] | None = None
+
+
+def end_after_error(line: str) -> None:
+  """After this process printed `line` (its one-line error) in a watched
+  multi-process run: tells the peers, then ends at once with exit code 1.
+
+  A normal exit would wait in jax's shutdown barrier for the peers, and they
+  wait for this process in their next collective: both would hang until a
+  timeout. The peers' watchers instead report this line and stop. Nothing
+  happens in a single-process run (no watcher).
+  """
+  if _end_after_error is not None:
+    _end_after_error(line)
 
 
 def last_complete_step(checkpoints_dir: pathlib.Path) -> int | None:
@@ -438,6 +454,34 @@ def watch_peers(timeout_s: int, checkpoints_dir: str | os.PathLike[str],
     os._exit(1)  # pylint: disable=protected-access
     # Not sys.exit: jax's exit handlers would wait for the lost peer.
 
+  def failed_here(line: str) -> None:
+    stopping.set()
+    _silence(last_words)  # this process has spoken
+    try:
+      client.key_value_set(f"{_FAILED}{me}", line, allow_overwrite=True)
+      if me == 0:  # the coordinator: give the peers a beat to read it
+        time.sleep(2 * interval)
+    except Exception:  # pylint: disable=broad-except
+      pass  # the peers' heartbeat check still notices
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+  def failed_there(peer: str, line: str) -> None:
+    if stopping.is_set():
+      return
+    stopping.set()
+    _silence(last_words)
+    sys.stdout.flush()
+    sys.stderr.write(f"\nerror: process {peer} of {count} stopped on its "
+                     f"own error ({line.removeprefix('error: ')}); "
+                     f"{_kept(checkpoints_dir)}\n")
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+  global _end_after_error
+  _end_after_error = failed_here
+
   def beat() -> None:
     seen = {i: (None, time.monotonic()) for i in range(count) if i != me}
     beats = 0
@@ -447,6 +491,7 @@ def watch_peers(timeout_s: int, checkpoints_dir: str | os.PathLike[str],
         client.key_value_set(f"{_ALIVE}{me}", str(beats), allow_overwrite=True)
         values = dict(client.key_value_dir_get(_ALIVE))
         done = dict(client.key_value_dir_get(_DONE))
+        failed = dict(client.key_value_dir_get(_FAILED))
       except Exception:  # pylint: disable=broad-except
         if stopping.is_set():
           return
@@ -454,6 +499,8 @@ def watch_peers(timeout_s: int, checkpoints_dir: str | os.PathLike[str],
         # same line as the helper's, which speaks if jax aborts us first).
         report("process 0 (the coordinator)", "")
         return
+      for key, line in failed.items():
+        failed_there(key.removeprefix(_FAILED), line)
       now = time.monotonic()
       for peer, (last, since) in list(seen.items()):
         value = values.get(f"{_ALIVE}{peer}")

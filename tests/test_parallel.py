@@ -1,5 +1,9 @@
 """Tests for segldm_jax.parallel on 8 host CPU devices (see conftest.py)."""
 
+import subprocess
+import sys
+import time
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
@@ -298,3 +302,42 @@ def test_fmt_bytes():
   sizes = (0, 1023, 1536, 3 * 2**20, 2**42)
   assert [formatting.human_bytes(n) for n in sizes] == [
       "0 B", "1023 B", "1.5 KiB", "3.0 MiB", "4.0 TiB"]
+
+
+_FAILING_PROCESS = r"""
+import sys
+from segldm_jax import cli, errors, parallel
+
+@cli.main_exits
+def main(port, me, bad):
+  parallel.maybe_initialize_distributed(f"127.0.0.1:{port}", 2, me,
+                                        heartbeat_timeout_s=60)
+  parallel.watch_peers(60, sys.argv[4], ["train.py"])
+  if me == bad:
+    raise errors.InputError("a corrupt image in this process's shard")
+  parallel.barrier("waits for the failed process", timeout_s=300)
+  return 0
+
+sys.exit(main(*map(int, sys.argv[1:4])))
+"""
+
+
+@pytest.mark.parametrize("bad", [0, 1], ids=["coordinator", "worker"])
+def test_an_error_in_one_process_ends_both_at_once(bad, tmp_path, free_port):
+  """A user error in one process of two ends both in seconds, each with one
+  line, instead of both waiting in jax's shutdown and barriers (and the
+  60 s heartbeat, which a live process never trips)."""
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _FAILING_PROCESS, str(free_port), str(me),
+       str(bad), str(tmp_path / "checkpoints")],
+      stderr=subprocess.PIPE, text=True) for me in (0, 1)]
+  start = time.monotonic()
+  errs = [p.communicate(timeout=50)[1] for p in procs]
+  assert time.monotonic() - start < 45  # < the 60 s heartbeat timeout
+  assert [p.returncode for p in procs] == [1, 1]
+  last = [e.strip().splitlines()[-1] for e in errs]
+  assert last[bad] == "error: a corrupt image in this process's shard"
+  assert last[1 - bad] == (
+      f"error: process {bad} of 2 stopped on its own error (a corrupt image "
+      "in this process's shard); no checkpoint was completed in "
+      f"{tmp_path / 'checkpoints'}")
