@@ -96,12 +96,3 @@ def ldm_tiny_workdir(tmp_path_factory) -> pathlib.Path:
       str(TESTS_DIR / "fixtures" / "ldm_tiny.ckpt"), "--config",
       str(TESTS_DIR / "fixtures" / "ldm_tiny.yaml"), "--out", str(out)]) == 0
   return out
-
-
-@pytest.fixture
-def free_port() -> int:
-  """A TCP port on localhost that nothing listens on now."""
-  import socket  # pylint: disable=g-import-not-at-top
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]

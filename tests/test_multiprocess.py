@@ -20,7 +20,6 @@ import pathlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from segldm_jax import metrics
 from segldm_jax import parallel
 from segldm_jax import run_config
 from segldm_jax.models import build
+from segldm_jax.ui.headless import free_port
 
 ROOT = pathlib.Path(__file__).parents[1]
 ARGS = ["--config", str(ROOT / "configs/seg_f4.py:tiny"),
@@ -55,17 +55,11 @@ def _env(devices):
   return e
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _launch(workdir, steps, processes, devices, *extra):
   cmd = [sys.executable, str(ROOT / "train.py"), *ARGS,
          f"--workdir={workdir}", f"--config.train.steps={steps}", *extra]
   if processes > 1:
-    port = _free_port()
+    port = free_port()
     cmds = [[*cmd, f"--coordinator_address=localhost:{port}",
              f"--num_processes={processes}", f"--process_id={i}"]
             for i in range(processes)]
@@ -153,7 +147,7 @@ EXTRA = ["--config.train.sample_every=0", "--config.train.checkpoint_every=2",
 
 
 def _start(workdir, steps, tag):
-  port = _free_port()
+  port = free_port()
   cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, *EXTRA,
          f"--workdir={workdir}", f"--config.train.steps={steps}",
          f"--coordinator_address=localhost:{port}", "--num_processes=2"]
@@ -258,7 +252,7 @@ def test_a_lost_coordinator_is_reported_by_the_others(tmp_path):
   # jax aborts the others at once when process 0 goes (exit 134, its own
   # fatal error); the helper of watch_peers still has the last word.
   (tmp_path / "checkpoints" / "7").mkdir(parents=True)
-  port = _free_port()
+  port = free_port()
   env = {**_env(1), "PYTHONPATH": str(ROOT)}
   errs = [tmp_path / f"{i}.err" for i in range(2)]
   procs = [subprocess.Popen([sys.executable, "-c", _IDLE, str(port), str(i),

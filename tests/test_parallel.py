@@ -14,6 +14,7 @@ import pytest
 from segldm_jax import formatting
 from segldm_jax import parallel
 from segldm_jax.models import build
+from segldm_jax.ui.headless import free_port
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -323,12 +324,13 @@ sys.exit(main(*map(int, sys.argv[1:4])))
 
 
 @pytest.mark.parametrize("bad", [0, 1], ids=["coordinator", "worker"])
-def test_an_error_in_one_process_ends_both_at_once(bad, tmp_path, free_port):
+def test_an_error_in_one_process_ends_both_at_once(bad, tmp_path):
   """A user error in one process of two ends both in seconds, each with one
   line, instead of both waiting in jax's shutdown and barriers (and the
   60 s heartbeat, which a live process never trips)."""
+  port = free_port()
   procs = [subprocess.Popen(
-      [sys.executable, "-c", _FAILING_PROCESS, str(free_port), str(me),
+      [sys.executable, "-c", _FAILING_PROCESS, str(port), str(me),
        str(bad), str(tmp_path / "checkpoints")],
       stderr=subprocess.PIPE, text=True) for me in (0, 1)]
   start = time.monotonic()

@@ -71,6 +71,13 @@ def _multiple(n: float, step: int) -> int:
   return max(step, int(round(n / step)) * step)
 
 
+def nearest_sizes(height: int, width: int, step: int
+                  ) -> tuple[tuple[int, int], tuple[int, int]]:
+  """The valid (height, width) just below and just above a size."""
+  return ((max(step, height // step * step), max(step, width // step * step)),
+          (-(-height // step) * step, -(-width // step) * step))
+
+
 def target_size(shape: tuple[int, int], step: int, *, size: int | None = None,
                 height: int | None = None, width: int | None = None,
                 name: str = "mask") -> tuple[int, int]:
@@ -95,8 +102,7 @@ def target_size(shape: tuple[int, int], step: int, *, size: int | None = None,
   else:
     height, width = h, w
   if height % step or width % step:
-    lo = (max(step, height // step * step), max(step, width // step * step))
-    hi = (-(-height // step) * step, -(-width // step) * step)
+    lo, hi = nearest_sizes(height, width, step)
     raise DataError(
         f"{name} is {height}x{width} (height x width); sides must be "
         f"multiples of {step} (the first stage's factor x the UNet's and the "

@@ -26,6 +26,8 @@ _FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu",
 
 
 def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on now (for a server or a
+  coordinator of processes on this machine)."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]

@@ -113,6 +113,16 @@ class Studio:
     data = model.config.data
     self.colours = palette_lib.for_data(data)
     self.names = palette_lib.names_for_data(data)
+    # Uploaded label maps: grey values are ids; colours are the palette's,
+    # and black, drawn for "don't care" by the coloured download, reads back
+    # as don't care unless a class owns it.
+    self.black_is_free = not (self.colours == 0).all(axis=1).any()
+    table = {i: rgb.tolist() for i, rgb in enumerate(self.colours)}
+    if self.black_is_free:
+      table[IGNORE_ID] = [0, 0, 0]
+    self._id_spec = LabelSpec.create(model.num_classes, ignore_label=IGNORE_ID)
+    self._colour_spec = LabelSpec.create(
+        model.num_classes, ignore_label=IGNORE_ID, palette=table)
     self.defaults = model.sample_options()
     self._lane = threading.Lock()      # held by the request that runs
     self._state = threading.Lock()     # guards the fields below
@@ -124,7 +134,6 @@ class Studio:
 
   def info(self) -> dict[str, Any]:
     g = self.model.geometry
-    black_is_free = not (self.colours == 0).all(axis=1).any()
     return {
         "workdir": self.model.workdir.name, "step": self.model.step,
         "height": g.image, "width": g.image, "step_px": g.step_px,
@@ -132,7 +141,7 @@ class Studio:
                     for i, (n, rgb) in enumerate(zip(self.names,
                                                      self.colours))],
         "dont_care": {"id": IGNORE_ID,
-                      "rgb": [0, 0, 0] if black_is_free else None},
+                      "rgb": [0, 0, 0] if self.black_is_free else None},
         "samplers": list(samplers.SAMPLERS),
         "defaults": {"sampler": self.defaults["sampler"],
                      "steps": self.defaults["steps"],
@@ -173,27 +182,18 @@ class Studio:
     care); colours must be the run's palette colours (black = don't care)."""
     with self._as_file(data, filename) as path:
       mode = _image_mode(path)
-      labels = folder.read_mask(str(path), self._spec(coloured=mode not in (
-          "L", "P", "1") and not mode.startswith("I")))
+      ids = mode in ("L", "P", "1") or mode.startswith("I")
+      labels = folder.read_mask(
+          str(path), self._id_spec if ids else self._colour_spec)
     step = self.model.geometry.step_px
     h, w = labels.shape
     if h % step or w % step:
-      fits = " or ".join(f"{a}x{b}" for a, b in sorted({
-          (max(step, h // step * step), max(step, w // step * step)),
-          (-(-h // step) * step, -(-w // step) * step)}))
+      fits = " or ".join(f"{a}x{b}" for a, b in sorted(set(
+          masks_lib.nearest_sizes(h, w, step))))
       raise errors.InputError(
           f"{path.name} is {h}x{w} (height x width); this model needs sides "
           f"in multiples of {step}: resize it to {fits}")
     return labels
-
-  def _spec(self, coloured: bool) -> LabelSpec:
-    if not coloured:
-      return LabelSpec.create(self.model.num_classes, ignore_label=IGNORE_ID)
-    table = {i: rgb.tolist() for i, rgb in enumerate(self.colours)}
-    if not (self.colours == 0).all(axis=1).any():
-      table[IGNORE_ID] = [0, 0, 0]  # how the coloured download draws it
-    return LabelSpec.create(self.model.num_classes, ignore_label=IGNORE_ID,
-                            palette=table)
 
   def read_photo(self, data: bytes, filename: str,
                  shape: tuple[int, int]) -> np.ndarray:
