@@ -17,9 +17,9 @@ import sys
 import time
 import traceback
 
-from segldm_jax import checkpoints
 from segldm_jax import convert
-from segldm_jax import layout
+from segldm_jax.checkpoint import store
+from segldm_jax.checkpoint import workdir_files
 from segldm_jax.convert import infer_config
 from segldm_jax.formatting import printable
 
@@ -73,14 +73,14 @@ def main(argv=None) -> int:
 
   try:
     if conv.kind == "ldm":
-      checkpoints.save_model_dir(out / layout.FIRST_STAGE_DIR,
+      store.save_model_dir(out / workdir_files.FIRST_STAGE_DIR,
                                  conv.node["params"]["first_stage_config"],
                                  conv.params["first_stage"])
       config = {"model": conv.node,
-                "first_stage": {"checkpoint": layout.FIRST_STAGE_DIR},
+                "first_stage": {"checkpoint": workdir_files.FIRST_STAGE_DIR},
                 "converted_from": str(args.checkpoint.absolute())}
       step = int(conv.meta.get("global_step", 0))
-      checkpoints.save_converted_workdir(
+      store.save_converted_workdir(
           out, config, step,
           {k: conv.params[k] for k in ("unet", "cond_stage")}, conv.ema,
           conv.meta)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             f"{'live + EMA' if conv.ema else 'live'}); sample with:\n"
             f"  python sample.py --workdir {out}")
     else:
-      checkpoints.save_model_dir(out, conv.node, conv.params, report)
+      store.save_model_dir(out, conv.node, conv.params, report)
       print(f"wrote model directory {out}")
       if conv.kind == "vq":
         print(f"use it as the first stage: python train.py --config "

@@ -30,8 +30,8 @@ import json
 import pathlib
 import sys
 
-from segldm_jax import cli
-from segldm_jax import xla_cpu
+from segldm_jax.config import cli
+from segldm_jax.runtime import xla_cpu
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -16,8 +16,8 @@ import pathlib
 import sys
 import time
 
-from segldm_jax import cli
 from segldm_jax import formatting
+from segldm_jax.config import cli
 from segldm_jax.convert import export
 
 

@@ -36,18 +36,18 @@ import sys
 import jax
 import numpy as np
 
-from segldm_jax import cli
-from segldm_jax import compilation_cache
-from segldm_jax import editing
-from segldm_jax import palette as palette_lib
 from segldm_jax import errors
-from segldm_jax.eval import miou
-from segldm_jax import sampling
-from segldm_jax import trained_model
-from segldm_jax import viz
-from segldm_jax import xla_cpu
+from segldm_jax.config import cli
 from segldm_jax.data import masks as masks_lib
+from segldm_jax.data import palette as palette_lib
+from segldm_jax.data import viz
 from segldm_jax.diffusion import samplers
+from segldm_jax.eval import miou
+from segldm_jax.inference import generation
+from segldm_jax.inference import region_edit
+from segldm_jax.inference import trained_model
+from segldm_jax.runtime import compilation_cache
+from segldm_jax.runtime import xla_cpu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     if len(labels) != 1 or len(new) != 1 or new.shape != labels.shape:
       raise errors.InputError("an edit takes one --masks file and one "
                               "--edit_labels file of the same size")
-    summary.update(edit_image=str(args.edit_image), **editing.run_edit(
+    summary.update(edit_image=str(args.edit_image), **region_edit.run_edit(
         model, masks_lib.read_photo(args.edit_image, shape), labels[0],
         new[0], margin=args.edit_margin or 2 * model.ldm.downsample_factor,
         num_samples=args.num_samples, options=opts, key=key,
@@ -193,16 +193,16 @@ def main(argv=None) -> int:
   if large == "tiles":
     tile = g.image // g.factor  # the training latent
     overlap = tile // 4 if args.tile_overlap is None else args.tile_overlap
-    run = functools.partial(sampling.generate_tiled, tile=tile,
+    run = functools.partial(generation.generate_tiled, tile=tile,
                             overlap=overlap, **opts)
     summary.update(size=list(shape), large="tiles", tile=tile,
                    tile_overlap=overlap)
   else:
-    run = functools.partial(sampling.generate, **opts)
+    run = functools.partial(generation.generate, **opts)
     if shape != (g.image, g.image):
       summary.update(size=list(shape), large="direct")
   out = args.out or model.workdir / f"samples_step{model.step}_{tag}"
-  images = sampling.sample_in_batches(
+  images = generation.sample_in_batches(
       run, model.ldm, model.params, model.first_stage_params, labels,
       args.num_samples, args.batch_size, key, desc=tag)
   out.mkdir(parents=True, exist_ok=True)

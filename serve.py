@@ -19,11 +19,11 @@ import logging
 import pathlib
 import sys
 
-from segldm_jax import cli
-from segldm_jax import compilation_cache
 from segldm_jax import errors
-from segldm_jax import trained_model
-from segldm_jax import xla_cpu
+from segldm_jax.config import cli
+from segldm_jax.inference import trained_model
+from segldm_jax.runtime import compilation_cache
+from segldm_jax.runtime import xla_cpu
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -26,21 +26,22 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from segldm_jax import checkpoints
-from segldm_jax import cli
 from segldm_jax import errors
-from segldm_jax import first_stage as first_stage_lib
-from segldm_jax import ldm_training
-from segldm_jax import metrics as metrics_lib
-from segldm_jax import parallel
-from segldm_jax import previews
-from segldm_jax import run_config
-from segldm_jax import startup
-from segldm_jax import xla_cpu
+from segldm_jax.checkpoint import store
+from segldm_jax.config import cli
+from segldm_jax.config import run_config
 from segldm_jax.data import check as data_check
 from segldm_jax.data import pipeline
 from segldm_jax.eval import workdir_eval
 from segldm_jax.models import build
+from segldm_jax.runtime import distributed
+from segldm_jax.runtime import sharding
+from segldm_jax.runtime import xla_cpu
+from segldm_jax.training import first_stage_setup
+from segldm_jax.training import ldm_step
+from segldm_jax.training import metrics as metrics_lib
+from segldm_jax.training import previews
+from segldm_jax.training import startup
 
 config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/seg_f4.py:demo", lock_config=True)
@@ -75,7 +76,7 @@ def _train_batches(config, source, start: startup.Start, mesh):
   # Skip mode's per-record flags are counted here on the host and never
   # reach the devices (the step's batch sharding covers image and labels).
   bad_log = data_check.BadRecordLog(source)
-  batches = (parallel.global_batch(bad_log(b), mesh) for b in data_iter)
+  batches = (sharding.global_batch(bad_log(b), mesh) for b in data_iter)
   # Peeked: scale_by_std measures it, and every process compiles the step on
   # it before the first collective.
   first_batch = next(batches)
@@ -147,7 +148,7 @@ def main(argv):
     print(report.summary())
     return 0 if report.ok else 1
   config = FLAGS.config
-  parallel.maybe_initialize_distributed(
+  distributed.maybe_initialize_distributed(
       FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
       heartbeat_timeout_s=config.parallel.heartbeat_timeout_s)
   workdir = pathlib.Path(FLAGS.workdir).absolute()
@@ -161,12 +162,12 @@ def main(argv):
   # ===================================================================== #
   #                           Mesh and sharding                           #
   # ===================================================================== #
-  mesh = parallel.make_mesh(config.mesh)  # preflight checked it fits
-  repl = parallel.replicated(mesh)
+  mesh = sharding.make_mesh(config.mesh)  # preflight checked it fits
+  repl = sharding.replicated(mesh)
   logging.info("mesh %s", dict(mesh.shape))
-  state_shardings = parallel.shardings_from_rules(
+  state_shardings = sharding.shardings_from_rules(
       start.abstract_state, mesh, config.sharding_strategy)
-  logging.info("parameters:\n%s", parallel.describe(
+  logging.info("parameters:\n%s", sharding.describe(
       state_shardings.params, start.abstract_state.params))
 
   # ===================================================================== #
@@ -189,13 +190,13 @@ def main(argv):
   # The first stage is frozen: loaded from a model directory, or (demo)
   # trained here first and kept in WORKDIR/first_stage for resumed runs.
   conv = xla_cpu.preferred_conv()  # Winograd's 3x3 convolutions on CPU
-  fs_module, fs_params, fs_node = first_stage_lib.prepare(
+  fs_module, fs_params, fs_node = first_stage_setup.prepare(
       config, workdir, mesh, source, conv=conv)
   fs_params = jax.device_put(fs_params, repl)
   with config.unlocked():
     config.model.params.first_stage_config = fs_node
     if config.model.params.get("scale_by_std", False):
-      config.model.params.scale_factor = first_stage_lib.std_scale_factor(
+      config.model.params.scale_factor = first_stage_setup.std_scale_factor(
           fs_module, fs_params, first_batch["image"], workdir, start.resuming)
   geometry = run_config.geometry(config)
   ldm = build.build_model(config.model, conv=conv)
@@ -206,9 +207,9 @@ def main(argv):
   #                             Train step                                #
   # ===================================================================== #
   step_fn = jax.jit(
-      ldm_training.make_train_step(ldm, start.optimizer, config.train,
+      ldm_step.make_train_step(ldm, start.optimizer, config.train,
                                    geometry.mask_stages),
-      in_shardings=(state_shardings, parallel.batch_sharding(mesh), repl, repl),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), repl, repl),
       out_shardings=(state_shardings, repl),
       donate_argnums=(0,))
 
@@ -238,20 +239,20 @@ def main(argv):
 
   def save(step: int, force: bool = False) -> None:
     stop_if_nonfinite(step)
-    checkpoints.save_train_state(mgr, step, state, force=force)
+    store.save_train_state(mgr, step, state, force=force)
 
   # ===================================================================== #
   #                              Train loop                               #
   # ===================================================================== #
   stop = _StopSignal()
-  lr = ldm_training.lr_schedule(config.train)
+  lr = ldm_step.lr_schedule(config.train)
   total = config.train.steps
   bar = tqdm.tqdm(total=total, initial=start.step, disable=not is_main,
                   dynamic_ncols=True, desc="train")
   rate = _ImagesPerSecond(start.step, config.train.batch_size)
   step = start.step
   if step < total:
-    step_fn = parallel.compile_for_all(step_fn, state, first_batch, fs_params,
+    step_fn = distributed.compile_for_all(step_fn, state, first_batch, fs_params,
                                        rng, name="train_step_compiled")
   while step < total and stop.signum is None:
     state, metrics = step_fn(state, next(batches), fs_params, rng)
@@ -260,7 +261,7 @@ def main(argv):
     if config.train.log_every and step % config.train.log_every == 0 or step == total:
       host_metrics = jax.device_get(metrics)  # waits for the step
       ips = rate(step)
-      record = {**ldm_training.log_record(host_metrics, lr(step - 1), ips),
+      record = {**ldm_step.log_record(host_metrics, lr(step - 1), ips),
                 **_count_bad_records(config, bad_log)}
       writer.write_scalars(step, record)
       bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{ips:.1f}")
@@ -271,7 +272,7 @@ def main(argv):
       write_samples(step, state)
     if evaluate and step % config.train.eval_every == 0:
       writer.write_scalars(step, evaluate(step, state))
-    if parallel.preemption_requested(step):  # SIGTERM to any one process
+    if distributed.preemption_requested(step):  # SIGTERM to any one process
       stop.signum = signal.SIGTERM
 
   bar.close()

@@ -117,7 +117,9 @@ def jax_workloads(size: str, batch: int, dtype: str, ddim_steps: int,
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from benchmarks import flops  # pylint: disable=g-import-not-at-top
-  from segldm_jax import ldm_training, sampling, xla_cpu  # pylint: disable=g-import-not-at-top
+  from segldm_jax.inference import generation  # pylint: disable=g-import-not-at-top
+  from segldm_jax.runtime import xla_cpu  # pylint: disable=g-import-not-at-top
+  from segldm_jax.training import ldm_step  # pylint: disable=g-import-not-at-top
   from segldm_jax.models import build  # pylint: disable=g-import-not-at-top
 
   config = size_config(size)
@@ -138,11 +140,11 @@ def jax_workloads(size: str, batch: int, dtype: str, ddim_steps: int,
   key = jax.random.key(0)
   k_fs, k_unet, k_cond = jax.random.split(key, 3)
   fs_params = build.init_params(ldm.first_stage, k_fs)
-  optimizer = ldm_training.make_optimizer(config.train)
-  state = ldm_training.init_state(
+  optimizer = ldm_step.make_optimizer(config.train)
+  state = ldm_step.init_state(
       {"unet": build.init_params(ldm.unet, k_unet),
        "cond_stage": build.init_params(ldm.cond_stage, k_cond)}, optimizer)
-  step = ldm_training.make_train_step(ldm, optimizer, config.train)
+  step = ldm_step.make_train_step(ldm, optimizer, config.train)
 
   info = {"framework": "jax", "jax": jax.__version__,
           "device": str(jax.devices()[0].device_kind),
@@ -194,7 +196,7 @@ def jax_workloads(size: str, batch: int, dtype: str, ddim_steps: int,
                                ("dpmpp", "dpmpp_2m", dpmpp_steps)):
     if name not in names:
       continue
-    sample = functools.partial(sampling.generate, sampler_ldm,
+    sample = functools.partial(generation.generate, sampler_ldm,
                                sampler=sampler, steps=steps, eta=0.0)
     program = compiled(name, sample, params, fs_params, data["labels"], key)
     info[f"flops_{name}_analytic"] = flops.analytic_flops(
@@ -231,7 +233,7 @@ def _peak_rss_bytes() -> int:
 def worker(args) -> None:
   """Builds and compiles, says `ready`, then times what stdin asks for."""
   if args.worker == "jax":
-    from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+    from segldm_jax.runtime import xla_cpu  # pylint: disable=g-import-not-at-top
     xla_cpu.use_xnnpack_convolutions()  # as train.py and sample.py
     runs, info, memory = jax_workloads(args.size, args.batch, args.dtype,
                                        args.ddim_steps, args.workloads,

@@ -27,19 +27,19 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from segldm_jax import checkpoints
-from segldm_jax import editing
+from segldm_jax.checkpoint import store
+from segldm_jax.config import run_config
+from segldm_jax.data import base as data_base
+from segldm_jax.data import palette as palette_lib
+from segldm_jax.data import pipeline
+from segldm_jax.data import viz
 from segldm_jax.eval import miou as evaluate
 from segldm_jax.eval import seams
-from segldm_jax import first_stage as first_stage_lib
-from segldm_jax import palette as palette_lib
-from segldm_jax import run_config
-from segldm_jax import sampling
-from segldm_jax import viz
-from segldm_jax import xla_cpu
-from segldm_jax.data import base as data_base
-from segldm_jax.data import pipeline
+from segldm_jax.inference import first_stage
+from segldm_jax.inference import generation
+from segldm_jax.inference import region_edit
 from segldm_jax.models import build
+from segldm_jax.runtime import xla_cpu
 
 
 def _labels_and_images(config, size: int, n: int, offset: int = 0):
@@ -75,8 +75,8 @@ def main(argv=None) -> int:
 
   config = run_config.load(args.workdir)
   ldm = build.build_model(config.model, conv=xla_cpu.preferred_conv())
-  params, _ = checkpoints.restore_params(args.workdir, ldm)
-  fs = first_stage_lib.load_existing(config, args.workdir,
+  params, _ = store.restore_params(args.workdir, ldm)
+  fs = first_stage.load_existing(config, args.workdir,
                                      conv=xla_cpu.preferred_conv())[1]
   size = int(config.data.image_size)
   k = int(config.data.num_classes)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
   args.out.mkdir(parents=True, exist_ok=True)
 
   def run(labels, key, **kw):
-    fn = kw.pop("fn", sampling.generate)
+    fn = kw.pop("fn", generation.generate)
     outs = [np.asarray(fn(ldm, params, fs, labels[i:i + args.batch_size],
                           jax.random.fold_in(key, i), **opts, **kw))
             for i in range(0, len(labels), args.batch_size)]
@@ -136,12 +136,12 @@ def _edit(ldm, params, fs, config, size, k, colours, opts, args):
   for i in range(len(new)):  # paint a square of a class not nearby
     cls = (int(np.bincount(old[i].ravel()).argmax()) + 5) % k
     new[i, size // 4:size // 2 + 4, size // 4:size // 2 + 8] = cls
-  keep, weight = editing.edit_masks(old, new, ldm.downsample_factor,
+  keep, weight = region_edit.edit_masks(old, new, ldm.downsample_factor,
                                     2 * ldm.downsample_factor)
-  gen = np.concatenate([np.asarray(sampling.edit(
+  gen = np.concatenate([np.asarray(generation.edit(
       ldm, params, fs, photos[i:i + 1], new[i:i + 1], keep[i:i + 1],
       jax.random.key(i), **opts, guidance_scale=2.0)) for i in range(len(new))])
-  edited = editing.composite(photos, gen, weight)
+  edited = region_edit.composite(photos, gen, weight)
   outside = weight == 0
   pred = evaluate.segment_synthetic(edited, k)
   changed = old != new
@@ -161,11 +161,11 @@ def _large(ldm, params, fs, config, size, k, colours, opts, run, args):
   big_size, tile = 2 * size, size // ldm.downsample_factor
   overlap = tile // 4
   big, _ = _labels_and_images(config, big_size, 8)
-  tiled_fn = functools.partial(sampling.generate_tiled, tile=tile,
+  tiled_fn = functools.partial(generation.generate_tiled, tile=tile,
                                overlap=overlap)
   tiled = run(big, jax.random.key(0), fn=tiled_fn, guidance_scale=2.0)
   direct = run(big, jax.random.key(0), guidance_scale=2.0)
-  starts = sampling.tile_starts(big_size // ldm.downsample_factor, tile,
+  starts = generation.tile_starts(big_size // ldm.downsample_factor, tile,
                                 overlap)
   f = ldm.downsample_factor
   rows = sorted({s * f for s in starts if s} |
@@ -177,9 +177,9 @@ def _large(ldm, params, fs, config, size, k, colours, opts, run, args):
       lambda p, q, l, key, fn=fn: fn(ldm, p, q, l, key, **opts),
       params, fs, jax.ShapeDtypeStruct((b, s, s), jnp.uint8),
       jax.random.key(0))
-         for name, fn, s in (("train_size", sampling.generate, size),
+         for name, fn, s in (("train_size", generation.generate, size),
                              ("tiles_4x", tiled_fn, big_size),
-                             ("direct_4x", sampling.generate, big_size))}
+                             ("direct_4x", generation.generate, big_size))}
   miou = {name: round(evaluate.mean_iou(evaluate.segment_synthetic(x, k), big,
                                         k), 4)
           for name, x in (("tiles", tiled), ("direct", direct))}

@@ -31,11 +31,11 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from configs import seg_f4  # noqa: E402
-from segldm_jax import vq_training as vqt  # noqa: E402
-from segldm_jax import xla_cpu  # noqa: E402
 from segldm_jax.data.synthetic import SyntheticSource  # noqa: E402
 from segldm_jax.eval.miou import mean_iou, segment_synthetic  # noqa: E402
 from segldm_jax.models.build import build_model  # noqa: E402
+from segldm_jax.runtime import xla_cpu  # noqa: E402
+from segldm_jax.training import vq_trainer as vqt  # noqa: E402
 
 EVAL_IMAGES = 64
 

@@ -64,7 +64,7 @@ def main() -> None:
                   help="comma-separated: litert, jax")
   args = ap.parse_args()
 
-  from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  from segldm_jax.runtime import xla_cpu  # pylint: disable=g-import-not-at-top
   xla_cpu.use_xnnpack_convolutions()
   import jax  # pylint: disable=g-import-not-at-top
   from segldm_jax.eval import inception  # pylint: disable=g-import-not-at-top

@@ -92,11 +92,11 @@ def manifest(args) -> None:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections as mlc  # pylint: disable=g-import-not-at-top
   from configs import seg_f4  # pylint: disable=g-import-not-at-top
-  from segldm_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from segldm_jax import ldm_training  # pylint: disable=g-import-not-at-top
-  from segldm_jax import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
-  from segldm_jax import parallel  # pylint: disable=g-import-not-at-top
-  from segldm_jax import saved_shapes  # pylint: disable=g-import-not-at-top
+  from segldm_jax.checkpoint import store  # pylint: disable=g-import-not-at-top
+  from segldm_jax.training import ldm_step  # pylint: disable=g-import-not-at-top
+  from segldm_jax.checkpoint import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
+  from segldm_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  from segldm_jax.checkpoint import saved_shapes  # pylint: disable=g-import-not-at-top
   from segldm_jax.models import build  # pylint: disable=g-import-not-at-top
 
   config = seg_f4.get_config(args.variant)
@@ -107,8 +107,8 @@ def manifest(args) -> None:
   params = jax.tree.map(lambda s: jnp.asarray(
       rng.standard_normal(s.shape, np.float32)) if args.save else
                         jnp.ones(s.shape, s.dtype), shapes)
-  optimizer = ldm_training.make_optimizer(config.train)
-  state = ldm_training.init_state(params, optimizer)
+  optimizer = ldm_step.make_optimizer(config.train)
+  state = ldm_step.init_state(params, optimizer)
   tree = {"params": state.params, "ema_params": state.ema,
           "opt_state": state.opt_state}
   leaves = jax.tree.leaves(tree)
@@ -132,28 +132,28 @@ def manifest(args) -> None:
          "arrays": len(leaves),
          "GiB": nbytes / 2**30, "hash_first_s": first, "hash_s": hashing}
   if args.save:
-    abstract = jax.eval_shape(lambda p: ldm_training.init_state(p, optimizer),
+    abstract = jax.eval_shape(lambda p: ldm_step.init_state(p, optimizer),
                               shapes)
-    mesh = parallel.make_mesh([("data", -1)])
-    shardings = parallel.shardings_from_rules(abstract, mesh, [(".*", "replicate")])
+    mesh = sharding.make_mesh([("data", -1)])
+    shardings = sharding.shardings_from_rules(abstract, mesh, [(".*", "replicate")])
     real_make = manifest_lib.make
     train_cfg = mlc.ConfigDict({"keep_checkpoints": 100, "keep_period": 0})
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
       counter = iter(range(1, 1000))
       for label, on in (("with", True), ("without", False)):
         manifest_lib.make = real_make if on else (lambda t: {})
-        mgr = checkpoints.train_checkpoint_manager(pathlib.Path(d) / label,
+        mgr = store.train_checkpoint_manager(pathlib.Path(d) / label,
                                                    train_cfg)
 
         def save(mgr=mgr):
-          checkpoints.save_train_state(mgr, next(counter), state)
+          store.save_train_state(mgr, next(counter), state)
           mgr.wait_until_finished()
 
         row[f"save_{label}_s"] = median(save)
         step = mgr.latest_step()
         row[f"restore_{label}_s"] = median(
             lambda mgr=mgr, step=step: jax.block_until_ready(
-                checkpoints.restore_train_state(mgr, step, abstract, shardings,
+                store.restore_train_state(mgr, step, abstract, shardings,
                                                 optimizer.init)))
         mgr.close()
       manifest_lib.make = real_make

@@ -62,7 +62,7 @@ def abstract_train_step(size: str, batch: int, dtype: str, remat: str,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from segldm_jax import ldm_training  # pylint: disable=g-import-not-at-top
+  from segldm_jax.training import ldm_step  # pylint: disable=g-import-not-at-top
   from segldm_jax.models import build  # pylint: disable=g-import-not-at-top
 
   config = bench.size_config(size)
@@ -71,17 +71,17 @@ def abstract_train_step(size: str, batch: int, dtype: str, remat: str,
   config.train.remat = remat
   config.train.encode_chunks = encode_chunks
   ldm = build.build_model(config.model, dtype=jnp.float32, conv=conv)
-  optimizer = ldm_training.make_optimizer(config.train)
+  optimizer = ldm_step.make_optimizer(config.train)
   params = {"unet": build.param_shapes(ldm.unet),
             "cond_stage": build.param_shapes(ldm.cond_stage)}
-  state = jax.eval_shape(lambda p: ldm_training.init_state(p, optimizer),
+  state = jax.eval_shape(lambda p: ldm_step.init_state(p, optimizer),
                          params)
   hw = int(config.data.image_size)
   data = {"image": jax.ShapeDtypeStruct((batch, hw, hw, 3), jnp.uint8),
           "labels": jax.ShapeDtypeStruct((batch, hw, hw), jnp.uint8)}
   fs_params = build.param_shapes(ldm.first_stage)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  step = ldm_training.make_train_step(ldm, optimizer, config.train)
+  step = ldm_step.make_train_step(ldm, optimizer, config.train)
   # As train.py: the state is donated, so the new one reuses its buffers.
   return (jax.jit(step, donate_argnums=(0,)),
           (state, data, fs_params, key))
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_dump_to={dump_dir}"
                                " --xla_dump_hlo_module_re=.*jit_step.*")
-  from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  from segldm_jax.runtime import xla_cpu  # pylint: disable=g-import-not-at-top
   if not args.no_xnnpack:
     xla_cpu.use_xnnpack_convolutions()  # as train.py
   import jax  # pylint: disable=g-import-not-at-top

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default="runs/profile")
   ap.add_argument("--json", default="", help="also write the summary here")
   args = ap.parse_args(argv)
-  from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  from segldm_jax.runtime import xla_cpu  # pylint: disable=g-import-not-at-top
   xla_cpu.use_xnnpack_convolutions()
   import jax  # pylint: disable=g-import-not-at-top
 

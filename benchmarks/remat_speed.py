@@ -31,7 +31,7 @@ def main(argv=None) -> int:
   ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--iters", type=int, default=4)
   args = ap.parse_args(argv)
-  from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  from segldm_jax.runtime import xla_cpu  # pylint: disable=g-import-not-at-top
   xla_cpu.use_xnnpack_convolutions()  # as train.py
   from benchmarks import bench  # pylint: disable=g-import-not-at-top
 

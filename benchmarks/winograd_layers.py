@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 
-from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+from segldm_jax.runtime import xla_cpu  # pylint: disable=g-import-not-at-top
 
 xla_cpu.use_xnnpack_convolutions()
 

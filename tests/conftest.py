@@ -30,7 +30,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
-from segldm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+from segldm_jax.runtime import xla_cpu  # pylint: disable=g-import-not-at-top
 
 xla_cpu.use_xnnpack_convolutions()  # the numerics train.py and sample.py get
 

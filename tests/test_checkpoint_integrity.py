@@ -21,14 +21,14 @@ import pytest
 import corruption
 
 from configs import seg_f4
-from segldm_jax import checkpoints
-from segldm_jax import layout
-from segldm_jax import ldm_training
-from segldm_jax import manifest
-from segldm_jax import parallel
-from segldm_jax import saved_shapes
+from segldm_jax.checkpoint import manifest
+from segldm_jax.checkpoint import saved_shapes
+from segldm_jax.checkpoint import store
+from segldm_jax.checkpoint import workdir_files
 from segldm_jax.errors import CorruptCheckpointError
 from segldm_jax.models import build
+from segldm_jax.runtime import sharding
+from segldm_jax.training import ldm_step
 
 
 def test_device_and_host_hashes_agree_under_any_sharding():
@@ -41,7 +41,7 @@ def test_device_and_host_hashes_agree_under_any_sharding():
   expected = {k: f"{manifest.numpy_hash(v):08x}" for k, v in host.items()}
   assert manifest.hashes(host) == expected  # numpy leaves
   assert manifest.hashes(jax.tree.map(jnp.asarray, host)) == expected
-  mesh = parallel.make_mesh([("data", -1)])
+  mesh = sharding.make_mesh([("data", -1)])
   split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
       None, "data", None))  # a trailing axis split over 8 devices
   sharded = jax.device_put(host["f32"], split)
@@ -76,10 +76,10 @@ def tiny():
   params = jax.tree.map(
       lambda s: jnp.asarray(rng.normal(size=s.shape).astype(s.dtype)), shapes)
   optimizer = optax.adamw(1e-3)
-  abstract = jax.eval_shape(lambda p: ldm_training.init_state(p, optimizer),
+  abstract = jax.eval_shape(lambda p: ldm_step.init_state(p, optimizer),
                             shapes)
-  mesh = parallel.make_mesh([("data", -1)], devices=jax.devices()[:2])
-  shardings = parallel.shardings_from_rules(abstract, mesh, [(".*", "replicate")])
+  mesh = sharding.make_mesh([("data", -1)], devices=jax.devices()[:2])
+  shardings = sharding.shardings_from_rules(abstract, mesh, [(".*", "replicate")])
   return mlc.ConfigDict({"config": config}), ldm, params, optimizer, abstract, shardings
 
 
@@ -87,13 +87,13 @@ def _workdir_with_two_steps(root: pathlib.Path, tiny) -> pathlib.Path:
   holder, _, params, optimizer, _, _ = tiny
   workdir = root / "run"
   (workdir).mkdir()
-  (workdir / layout.CONFIG_FILE).write_text(holder.config.to_json())
-  mgr = checkpoints.train_checkpoint_manager(
+  (workdir / workdir_files.CONFIG_FILE).write_text(holder.config.to_json())
+  mgr = store.train_checkpoint_manager(
       workdir, mlc.ConfigDict({"keep_checkpoints": 3, "keep_period": 0}))
   for step in (1, 2):
     moved = jax.tree.map(lambda p, s=step: p + s, params)
-    checkpoints.save_train_state(
-        mgr, step, ldm_training.init_state(moved, optimizer))
+    store.save_train_state(
+        mgr, step, ldm_step.init_state(moved, optimizer))
   mgr.wait_until_finished()
   mgr.close()
   return workdir
@@ -111,12 +111,12 @@ def _copy(pristine, tmp_path) -> pathlib.Path:
 @pytest.fixture
 def corrupt_workdir(tmp_path, pristine):
   workdir = _copy(pristine, tmp_path)
-  corruption.flip_array_byte(workdir / layout.CHECKPOINTS_DIR / "2")
+  corruption.flip_array_byte(workdir / workdir_files.CHECKPOINTS_DIR / "2")
   return workdir
 
 
 def _manager(workdir):
-  return checkpoints.train_checkpoint_manager(
+  return store.train_checkpoint_manager(
       workdir, mlc.ConfigDict({"keep_checkpoints": 3, "keep_period": 0}))
 
 
@@ -130,7 +130,7 @@ def test_a_flipped_byte_is_named_on_restore(corrupt_workdir, tiny):
                        match=f"^{corrupt_workdir}: " + NAMED +
                        r"the hash saved with it \([0-9a-f]{8} saved, "
                        r"[0-9a-f]{8} read\): the checkpoint is corrupt"):
-      checkpoints.restore_train_state(mgr, 2, abstract, shardings,
+      store.restore_train_state(mgr, 2, abstract, shardings,
                                       optimizer.init)
 
 
@@ -138,7 +138,7 @@ def test_resume_falls_back_to_the_previous_step(corrupt_workdir, tiny, caplog):
   _, _, params, optimizer, abstract, shardings = tiny
   caplog.set_level(logging.WARNING)
   with _manager(corrupt_workdir) as mgr:
-    state, step = checkpoints.restore_latest_intact(mgr, abstract, shardings,
+    state, step = store.restore_latest_intact(mgr, abstract, shardings,
                                                     optimizer.init)
     assert step == 1 and mgr.all_steps() == [1]
   warnings = [r.getMessage() for r in caplog.records
@@ -146,7 +146,7 @@ def test_resume_falls_back_to_the_previous_step(corrupt_workdir, tiny, caplog):
   assert len(warnings) == 1
   assert warnings[0].endswith("; set aside as 2.corrupt, resuming from the "
                               "previous complete checkpoint")
-  assert (corrupt_workdir / layout.CHECKPOINTS_DIR / "2.corrupt").is_dir()
+  assert (corrupt_workdir / workdir_files.CHECKPOINTS_DIR / "2.corrupt").is_dir()
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b + 1)  # step 1's weights, exactly
 
@@ -154,8 +154,8 @@ def test_resume_falls_back_to_the_previous_step(corrupt_workdir, tiny, caplog):
 def test_sampling_refuses_a_corrupt_step(corrupt_workdir, tiny):
   _, ldm, *_ = tiny
   with pytest.raises(CorruptCheckpointError, match=NAMED):
-    checkpoints.restore_params(corrupt_workdir, ldm)
-  params, step = checkpoints.restore_params(corrupt_workdir, ldm, step=1)
+    store.restore_params(corrupt_workdir, ldm)
+  params, step = store.restore_params(corrupt_workdir, ldm, step=1)
   assert step == 1 and jax.tree.leaves(params)
 
 
@@ -163,10 +163,10 @@ def test_no_intact_step_left_is_one_error(tmp_path, tiny, pristine):
   _, _, _, optimizer, abstract, shardings = tiny
   workdir = _copy(pristine, tmp_path)
   for step in ("1", "2"):
-    corruption.flip_array_byte(workdir / layout.CHECKPOINTS_DIR / step)
+    corruption.flip_array_byte(workdir / workdir_files.CHECKPOINTS_DIR / step)
   with _manager(workdir) as mgr:
     with pytest.raises(CorruptCheckpointError) as e:
-      checkpoints.restore_latest_intact(mgr, abstract, shardings,
+      store.restore_latest_intact(mgr, abstract, shardings,
                                         optimizer.init)
   assert "checkpoints/2: array 'params/" in str(e.value)
   assert str(e.value).endswith(
@@ -183,12 +183,12 @@ def test_model_directory_is_checked(tmp_path, tiny):
   rng = np.random.default_rng(1)
   params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype),
                         build.param_shapes(module))
-  path = checkpoints.save_model_dir(tmp_path / "vq", node, params)
-  assert (path / layout.MANIFEST_FILE).is_file()
-  _, restored, _ = checkpoints.load_model_dir(path)  # intact: loads
+  path = store.save_model_dir(tmp_path / "vq", node, params)
+  assert (path / workdir_files.MANIFEST_FILE).is_file()
+  _, restored, _ = store.load_model_dir(path)  # intact: loads
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
-  files = [p for p in (path / layout.PARAMS_DIR).rglob("*")
+  files = [p for p in (path / workdir_files.PARAMS_DIR).rglob("*")
            if p.is_file() and p.parent.name == "d"]
   big = max(files, key=lambda p: p.stat().st_size)
   data = bytearray(big.read_bytes())
@@ -196,4 +196,4 @@ def test_model_directory_is_checked(tmp_path, tiny):
   big.write_bytes(bytes(data))
   with pytest.raises(CorruptCheckpointError,
                      match=f"^{path}: params/ array '[^']+' does not match "):
-    checkpoints.load_model_dir(path)
+    store.load_model_dir(path)

@@ -5,7 +5,7 @@ import pathlib
 import subprocess
 import sys
 
-from segldm_jax import compilation_cache
+from segldm_jax.runtime import compilation_cache
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 _SCRIPT = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
-from segldm_jax import compilation_cache
+from segldm_jax.runtime import compilation_cache
 where = compilation_cache.setup(sys.argv[1] if len(sys.argv) > 1 else None)
 f = lambda x: jnp.sin(x) @ x.T
 x = np.ones((8, 8), np.float32)

@@ -26,15 +26,15 @@ import pytest
 import yaml
 
 from configs import seg_f4
-from segldm_jax import checkpoints
-from segldm_jax import cli
 from segldm_jax import errors
-from segldm_jax import first_stage
-from segldm_jax import layout
-from segldm_jax import ldm_training
-from segldm_jax import run_config
-from segldm_jax import saved_shapes
+from segldm_jax.checkpoint import saved_shapes
+from segldm_jax.checkpoint import store
+from segldm_jax.checkpoint import workdir_files
+from segldm_jax.config import cli
+from segldm_jax.config import run_config
+from segldm_jax.inference import first_stage
 from segldm_jax.models import build
+from segldm_jax.training import ldm_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs/seg_f4.py") + ":tiny"
@@ -60,10 +60,10 @@ def _config(num_classes=182, model_channels=32, **train):
 def _abstract_state(num_classes=182, model_channels=32, grad_clip_norm=0.0):
   c = _config(num_classes, model_channels, grad_clip_norm=grad_clip_norm)
   ldm = build.build_model(c.model)
-  optimizer = ldm_training.make_optimizer(c.train)
+  optimizer = ldm_step.make_optimizer(c.train)
 
   # ShapeDtypeStructs in, ShapeDtypeStructs out: nothing is allocated.
-  return jax.eval_shape(lambda p: ldm_training.init_state(p, optimizer),
+  return jax.eval_shape(lambda p: ldm_step.init_state(p, optimizer),
                         saved_shapes.ldm_param_shapes(ldm)), ldm
 
 
@@ -199,8 +199,8 @@ def workdir16(tmp_path_factory):
   wd = tmp_path_factory.mktemp("wd16")
   abstract, _ = _abstract_state(16)
   state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
-  mgr = checkpoints.train_checkpoint_manager(wd, _config(16).train)
-  checkpoints.save_train_state(mgr, 400, state)
+  mgr = store.train_checkpoint_manager(wd, _config(16).train)
+  store.save_train_state(mgr, 400, state)
   mgr.wait_until_finished()
   run_config.save(_config(16), wd)
   return wd, mgr
@@ -251,10 +251,10 @@ def test_saved_params_of_another_class_count_name_first_tensor(workdir16):
     saved_shapes.check_saved_params(wd, 400, saved_shapes.ldm_param_shapes(ldm))
   assert str(e.value) == expected
   with pytest.raises(errors.CheckpointMismatchError) as e:
-    checkpoints.restore_train_state(mgr, 400, abstract, None, None)
+    store.restore_train_state(mgr, 400, abstract, None, None)
   assert str(e.value) == expected
   with pytest.raises(errors.CheckpointMismatchError) as e:  # sample.py's
-    checkpoints.restore_params(wd, ldm)
+    store.restore_params(wd, ldm)
   assert str(e.value) == (
       f"{expected}; the workdir's config.json does not describe these weights")
 
@@ -263,7 +263,7 @@ def test_saved_params_of_another_width_name_first_tensor(workdir16):
   wd, mgr = workdir16
   abstract, _ = _abstract_state(16, model_channels=64)
   with pytest.raises(errors.CheckpointMismatchError) as e:
-    checkpoints.restore_train_state(mgr, 400, abstract, None, None)
+    store.restore_train_state(mgr, 400, abstract, None, None)
   assert str(e.value) == (
       f"{wd}: checkpoints/400 params/unet/input_blocks_0_0/bias is (32,); the "
       f"config builds (64,) (set by {UNET})")
@@ -273,7 +273,7 @@ def test_saved_optimizer_state_of_another_optimizer(workdir16):
   wd, mgr = workdir16
   abstract, _ = _abstract_state(16, grad_clip_norm=1.0)  # adds a chain link
   with pytest.raises(errors.CheckpointMismatchError) as e:
-    checkpoints.restore_train_state(mgr, 400, abstract, None, None)
+    store.restore_train_state(mgr, 400, abstract, None, None)
   assert str(e.value) == (
       f"{wd}: checkpoints/400 opt_state/1/0/count is not saved; the config "
       "builds () (set by train.grad_clip_norm, train.lr_schedule, "
@@ -302,7 +302,7 @@ def _vq_dir(path, **params):
   module = build.build_model(node)
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                        build.param_shapes(module))
-  checkpoints.save_model_dir(path, node, zeros)
+  store.save_model_dir(path, node, zeros)
   return path
 
 
@@ -354,7 +354,7 @@ def test_first_stage_whose_weights_do_not_match_its_model_yaml(vq_dir,
              "builds (256,); model.yaml there does not describe these weights "
              "(edited, or params/ copied from another model?)")
   with pytest.raises(errors.CheckpointMismatchError) as e:
-    checkpoints.load_model_dir(path)
+    store.load_model_dir(path)
   assert str(e.value) == message
   c = _config()
   c.first_stage.checkpoint = str(path)
@@ -366,7 +366,7 @@ def test_first_stage_that_is_not_a_vq(tmp_path):
   node = {"target": build.RESCALER_TARGET,
           "params": {"n_stages": 0, "in_channels": 2, "out_channels": 1}}
   module = build.build_model(node)
-  checkpoints.save_model_dir(tmp_path / "r", node, jax.tree.map(
+  store.save_model_dir(tmp_path / "r", node, jax.tree.map(
       lambda s: np.zeros(s.shape, s.dtype), build.param_shapes(module)))
   c = _config()
   c.first_stage.checkpoint = str(tmp_path / "r")
@@ -391,7 +391,7 @@ def _disk_usage_with_free(free):
 def test_too_little_free_space_fails_at_once(tmp_path, monkeypatch):
   monkeypatch.setattr(shutil, "disk_usage", _disk_usage_with_free(100 << 20))
   with pytest.raises(errors.WorkdirError) as e:
-    layout.check_free_space(tmp_path, 3 << 30, keep=3)
+    workdir_files.check_free_space(tmp_path, 3 << 30, keep=3)
   assert str(e.value) == (
       f"workdir {tmp_path}: 100.0 MiB free on its filesystem, but its "
       "checkpoints need 12.2 GiB (4 x 3.0 GiB train state: "
@@ -400,19 +400,19 @@ def test_too_little_free_space_fails_at_once(tmp_path, monkeypatch):
       "disk")
   # A resumed run already holds some: only the rest must fit.
   with pytest.raises(errors.WorkdirError) as e:
-    layout.check_free_space(tmp_path, 3 << 30, keep=3, existing=3)
+    workdir_files.check_free_space(tmp_path, 3 << 30, keep=3, existing=3)
   assert "need 3.1 GiB (1 x 3.0 GiB train state: train.keep_checkpoints=3 " \
          "+ 1 being written, 3 already saved, plus margin)" in str(e.value)
   monkeypatch.setattr(shutil, "disk_usage", _disk_usage_with_free(13 << 30))
-  layout.check_free_space(tmp_path, 3 << 30, keep=3)
+  workdir_files.check_free_space(tmp_path, 3 << 30, keep=3)
 
 
 def test_free_space_estimate_is_the_train_state():
   abstract, _ = _abstract_state(16)
-  params = layout.tree_nbytes(abstract.params)
-  unet = layout.tree_nbytes(abstract.params["unet"])
+  params = workdir_files.tree_nbytes(abstract.params)
+  unet = workdir_files.tree_nbytes(abstract.params["unet"])
   # params + EMA of the UNet + Adam's two moments (+ a step counter).
-  assert layout.tree_nbytes(abstract) == pytest.approx(
+  assert workdir_files.tree_nbytes(abstract) == pytest.approx(
       params + unet + 2 * params, abs=64)
 
 
@@ -420,7 +420,7 @@ def test_workdir_under_a_file_is_not_writable(tmp_path):
   (tmp_path / "file").write_text("x")  # fails for root too
   workdir = tmp_path / "file" / "workdir"
   with pytest.raises(errors.WorkdirError) as e:
-    layout.ensure_writable(workdir)
+    workdir_files.ensure_writable(workdir)
   assert str(e.value) == f"workdir {workdir} is not writable: Not a directory"
 
 
@@ -430,7 +430,7 @@ def test_full_disk_fails_the_write_probe(tmp_path, monkeypatch):
 
   monkeypatch.setattr(pathlib.Path, "write_bytes", full)
   with pytest.raises(errors.WorkdirError) as e:
-    layout.ensure_writable(tmp_path / "run")
+    workdir_files.ensure_writable(tmp_path / "run")
   assert str(e.value) == (
       f"workdir {tmp_path / 'run'} is not writable: No space left on device")
 
@@ -441,8 +441,8 @@ _FAILING_SAVE = textwrap.dedent("""
     import ml_collections as mlc
     import numpy as np
     import orbax.checkpoint as ocp
-    from segldm_jax import checkpoints
-    from segldm_jax import cli
+    from segldm_jax.checkpoint import store
+    from segldm_jax.config import cli
 
     def save(mgr, step, n):
       tree = {"w": np.random.default_rng(step).random(n, dtype=np.float32)}
@@ -451,7 +451,7 @@ _FAILING_SAVE = textwrap.dedent("""
 
     @cli.main_exits
     def main():
-      mgr = checkpoints.train_checkpoint_manager(
+      mgr = store.train_checkpoint_manager(
           pathlib.Path(sys.argv[1]),
           mlc.ConfigDict({"keep_checkpoints": 2, "keep_period": 0}))
       save(mgr, 1, 16)

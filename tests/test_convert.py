@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 import torch_files
-from segldm_jax import checkpoints
 from segldm_jax import convert
-from segldm_jax import layout
+from segldm_jax.checkpoint import store
+from segldm_jax.checkpoint import workdir_files
 from segldm_jax.convert import torch_io
 from segldm_jax.models import build
 
@@ -109,26 +109,26 @@ def test_cli_converts_fixture(case, tmp_path, capsys):
   assert set(report.used) | set(report.ignored) == set(_state_dict(case))
 
   if conv.kind != "ldm":
-    module, params, node = checkpoints.load_model_dir(out)
+    module, params, node = store.load_model_dir(out)
     assert type(module) is type(conv.model)
     assert node["target"] == conv.node["target"]
     _assert_same(params, conv.params)
     return
 
-  config = json.loads((out / layout.CONFIG_FILE).read_text())
+  config = json.loads((out / workdir_files.CONFIG_FILE).read_text())
   assert config["model"] == json.loads(json.dumps(conv.node))
-  _, fs_params, fs_node = checkpoints.load_model_dir(out / config["first_stage"][
+  _, fs_params, fs_node = store.load_model_dir(out / config["first_stage"][
       "checkpoint"])
   assert fs_node == json.loads(json.dumps(conv.node["params"]["first_stage_config"]))
   _assert_same(fs_params, conv.params["first_stage"])
 
   ldm = build.build_model(config["model"])
   assert conv.ema is not None
-  ema, step = checkpoints.restore_params(out, ldm, use_ema=True)
+  ema, step = store.restore_params(out, ldm, use_ema=True)
   assert step == conv.meta.get("global_step", 0)
   _assert_same(ema, {"unet": conv.ema["unet"],
                      "cond_stage": conv.params["cond_stage"]})
-  live, _ = checkpoints.restore_params(out, ldm, use_ema=False)
+  live, _ = store.restore_params(out, ldm, use_ema=False)
   _assert_same(live, {k: conv.params[k] for k in ("unet", "cond_stage")})
   # The fixtures' EMA differs from the live weights, so the two are told apart.
   assert any(not np.array_equal(a, b) for a, b in
@@ -144,11 +144,11 @@ def test_cli_no_ema_writes_live_unet_only(tmp_path, capsys):
   assert rc == 0
   assert "UNet weights: live)" in stdout
   # Lightning's global_step numbers the workdir's step.
-  assert [p.name for p in (out / layout.CHECKPOINTS_DIR).iterdir()
+  assert [p.name for p in (out / workdir_files.CHECKPOINTS_DIR).iterdir()
           if p.name.isdigit()] == ["1234"]
-  assert not (out / layout.CHECKPOINTS_DIR / "1234" / "ema_params").exists()
+  assert not (out / workdir_files.CHECKPOINTS_DIR / "1234" / "ema_params").exists()
   conv = _converted("ldm_tiny")
-  params, step = checkpoints.restore_params(out, conv.model, use_ema=True)
+  params, step = store.restore_params(out, conv.model, use_ema=True)
   assert step == 1234
   _assert_same(params, {k: conv.params[k] for k in ("unet", "cond_stage")})
   # The EMA tensors are reported as ignored, not silently dropped.
@@ -187,7 +187,7 @@ def test_vq_training_loss_is_ignored_and_listed(tmp_path, capsys):
   assert f"ignored {len(loss)} ({LOSS_REASON}): " in stdout
   for key in loss:
     assert key in stdout
-  _, params, _ = checkpoints.load_model_dir(out)
+  _, params, _ = store.load_model_dir(out)
   _assert_same(params, _converted("vq_tiny").params)
 
 
@@ -286,7 +286,7 @@ def test_cli_infers_config_and_reproduces_reference(tmp_path, capsys):
   assert node["target"] == build.UNET_TARGET
   assert node["params"]["num_heads"] == 2
 
-  module, params, saved = checkpoints.load_model_dir(out)
+  module, params, saved = store.load_model_dir(out)
   assert saved == node
   ref = np.load(FIXTURES / "unet_tiny.npz")
   x = np.transpose(ref["x"], (0, 2, 3, 1))

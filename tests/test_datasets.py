@@ -27,9 +27,9 @@ from configs import seg_f4
 # session's compilation cache).
 from test_train_e2e import env  # pylint: disable=unused-import
 from segldm_jax import errors
-from segldm_jax import run_config
-from segldm_jax.data import DataError, FolderSource, IGNORE_ID, load_record
+from segldm_jax.config import run_config
 from segldm_jax.data import check
+from segldm_jax.data import DataError, FolderSource, IGNORE_ID, load_record
 from segldm_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).parents[1]

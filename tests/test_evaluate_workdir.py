@@ -8,7 +8,7 @@ import pytest
 
 import convert_torch_ckpt
 import evaluate
-from segldm_jax import run_config
+from segldm_jax.config import run_config
 from segldm_jax.data import labels as labels_lib
 from segldm_jax.eval import workdir_eval
 

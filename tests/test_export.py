@@ -22,9 +22,9 @@ import yaml
 
 import convert_torch_ckpt
 import export_torch_ckpt
-from segldm_jax import checkpoints
-from segldm_jax import layout
-from segldm_jax import run_config
+from segldm_jax.checkpoint import store
+from segldm_jax.checkpoint import workdir_files
+from segldm_jax.config import run_config
 from segldm_jax.convert import export
 from segldm_jax.convert import torch_io
 from segldm_jax.convert import torch_writer
@@ -93,9 +93,9 @@ def _flat(tree) -> dict[str, np.ndarray]:
 def _workdir_weights(workdir) -> dict[str, np.ndarray]:
   """Live and EMA parameters of a workdir's newest step, flattened."""
   model = build.build_model(run_config.load(workdir).model.to_dict())
-  live, step = checkpoints.restore_params(workdir, model, use_ema=False)
-  ema, _ = checkpoints.restore_params(workdir, model, use_ema=True)
-  first = checkpoints.load_model_dir(workdir / layout.FIRST_STAGE_DIR)[1]
+  live, step = store.restore_params(workdir, model, use_ema=False)
+  ema, _ = store.restore_params(workdir, model, use_ema=True)
+  first = store.load_model_dir(workdir / workdir_files.FIRST_STAGE_DIR)[1]
   return {**_flat({"live": live, "first_stage": first}),
           **_flat({"ema": ema["unet"]}), "step": np.asarray(step)}
 
@@ -188,7 +188,7 @@ def test_config_yaml_builds_the_same_model(ldm, vq):
                             build.param_shapes(getattr(original, part))))
   vq_node = build.load_model_config(vq[0] / "out" / "config.yaml")
   assert build.build_model(vq_node) == build.build_model(
-      checkpoints.check_model_dir(vq[0] / "vq"))
+      store.check_model_dir(vq[0] / "vq"))
 
 
 def test_model_directory_exports_taming_names(vq):

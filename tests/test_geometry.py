@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import seg_f4
-from segldm_jax import run_config
+from segldm_jax.config import run_config
 from segldm_jax.models.rescaler import SpatialRescaler
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from segldm_jax import convert
-from segldm_jax import editing
-from segldm_jax.eval import seams
-from segldm_jax import sampling
 from segldm_jax.data.base import IGNORE_ID
+from segldm_jax.eval import seams
+from segldm_jax.inference import generation
+from segldm_jax.inference import region_edit
 from segldm_jax.models import build
 
 STEPS = dict(sampler="ddim", steps=4)
@@ -46,11 +46,11 @@ def _blocks(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def test_drop_regions_blanks_one_box_per_chosen_sample():
-  from segldm_jax import ldm_training  # pylint: disable=g-import-not-at-top
+  from segldm_jax.training import ldm_step  # pylint: disable=g-import-not-at-top
   labels = jnp.asarray(_blocks(64, 32, 0))
-  assert np.array_equal(ldm_training.drop_regions(jax.random.key(0), labels, 0.0),
+  assert np.array_equal(ldm_step.drop_regions(jax.random.key(0), labels, 0.0),
                         labels)
-  out = np.asarray(ldm_training.drop_regions(jax.random.key(0), labels, 1.0))
+  out = np.asarray(ldm_step.drop_regions(jax.random.key(0), labels, 1.0))
   for o, lab in zip(out, np.asarray(labels)):
     ys, xs = np.nonzero(o == IGNORE_ID)
     box = np.zeros_like(o, bool)
@@ -58,7 +58,7 @@ def test_drop_regions_blanks_one_box_per_chosen_sample():
     assert np.array_equal(o == IGNORE_ID, box)  # one solid rectangle
     assert 8 <= np.ptp(ys) + 1 <= 24 and 8 <= np.ptp(xs) + 1 <= 24
     assert np.array_equal(o[~box], lab[~box])
-  some = np.asarray(ldm_training.drop_regions(jax.random.key(1), labels, 0.25))
+  some = np.asarray(ldm_step.drop_regions(jax.random.key(1), labels, 0.25))
   assert 0.1 < (some == IGNORE_ID).any((1, 2)).mean() < 0.45
 
 
@@ -92,8 +92,8 @@ def test_guidance_changes_samples_but_not_an_all_dont_care_mask():
   labels = np.concatenate([_blocks(1, 32, 1),
                            np.full((1, 32, 32), IGNORE_ID, np.uint8)])
   key = jax.random.key(3)
-  plain = np.asarray(sampling.generate(ldm, params, fs, labels, key, **STEPS))
-  guided = np.asarray(sampling.generate(ldm, params, fs, labels, key,
+  plain = np.asarray(generation.generate(ldm, params, fs, labels, key, **STEPS))
+  guided = np.asarray(generation.generate(ldm, params, fs, labels, key,
                                         guidance_scale=3.0, **STEPS))
   # Where nothing is asked for, cond == uncond and guidance is a no-op.
   np.testing.assert_allclose(guided[1].astype(int), plain[1].astype(int),
@@ -110,7 +110,7 @@ def test_edit_masks_geometry():
   old = np.zeros((32, 32), np.uint8)
   new = old.copy()
   new[12:18, 20:23] = 3
-  keep, weight = editing.edit_masks(old, new, factor=4, margin=4)
+  keep, weight = region_edit.edit_masks(old, new, factor=4, margin=4)
   assert keep.shape == (1, 8, 8, 1) and weight.shape == (1, 32, 32)
   changed = old != new
   assert np.all(weight[0][changed] == 1.0)  # the edit is all model
@@ -123,7 +123,7 @@ def test_edit_masks_geometry():
   # The fade: 1/5, 2/5, ... from the border in.
   np.testing.assert_allclose(weight[0, 15, 16:22], [.2, .4, .6, .8, 1, 1])
   with pytest.raises(ValueError, match="not divisible by the first stage's"):
-    editing.edit_masks(old[:30], new[:30], factor=4, margin=4)
+    region_edit.edit_masks(old[:30], new[:30], factor=4, margin=4)
 
 
 def test_region_edit_keeps_the_photo_outside_and_regenerates_inside():
@@ -135,11 +135,11 @@ def test_region_edit_keeps_the_photo_outside_and_regenerates_inside():
   old = _blocks(2, 32, 2)
   new = old.copy()
   new[:, 8:16, 8:24] = (old[:, 8:16, 8:24] + 1) % 5
-  keep, weight = editing.edit_masks(old, new, ldm.downsample_factor, 4)
+  keep, weight = region_edit.edit_masks(old, new, ldm.downsample_factor, 4)
   key = jax.random.key(0)
-  gen = np.asarray(sampling.edit(ldm, params, fs, photo, new, keep, key,
+  gen = np.asarray(generation.edit(ldm, params, fs, photo, new, keep, key,
                                  **STEPS))
-  out = editing.composite(photo, gen, weight)
+  out = region_edit.composite(photo, gen, weight)
   outside = weight == 0
   assert outside.mean() > 0.4
   assert np.abs(out.astype(int) - photo)[outside].max() == 0
@@ -149,7 +149,7 @@ def test_region_edit_keeps_the_photo_outside_and_regenerates_inside():
 
   # The latent side alone: kept cells are the photo's latents exactly, so
   # with nothing to regenerate the result is the VQ reconstruction.
-  recon = np.asarray(sampling.edit(ldm, params, fs, photo, new,
+  recon = np.asarray(generation.edit(ldm, params, fs, photo, new,
                                    np.ones_like(keep), key, **STEPS))
   z0 = ldm.encode(fs, (photo.astype(np.float32) - 127.5) / 127.5)
   ref = np.clip(np.round((np.asarray(ldm.decode(fs, z0)) + 1) * 127.5), 0, 255)
@@ -162,13 +162,13 @@ def test_region_edit_keeps_the_photo_outside_and_regenerates_inside():
 
 
 def test_tile_starts_cover_with_overlap():
-  assert sampling.tile_starts(8, 8, 2) == (0,)
-  assert sampling.tile_starts(16, 8, 2) == (0, 4, 8)
+  assert generation.tile_starts(8, 8, 2) == (0,)
+  assert generation.tile_starts(16, 8, 2) == (0, 4, 8)
   for size, tile, overlap in [(16, 8, 0), (17, 8, 3), (40, 16, 4), (9, 8, 7)]:
-    s = sampling.tile_starts(size, tile, overlap)
+    s = generation.tile_starts(size, tile, overlap)
     assert s[0] == 0 and s[-1] == size - tile
     assert all(b - a <= tile - overlap for a, b in zip(s, s[1:]))
-  w = sampling.tile_weights(6)
+  w = generation.tile_weights(6)
   np.testing.assert_array_equal(w[0], [1, 2, 3, 3, 2, 1])
   np.testing.assert_array_equal(w, w.T)
 
@@ -176,8 +176,8 @@ def test_tile_starts_cover_with_overlap():
 @functools.cache
 def _compiled(which: str, batch: int, size: int):
   ldm, params, fs = _model()
-  fn = {"direct": functools.partial(sampling.generate, **STEPS),
-        "tiles": functools.partial(sampling.generate_tiled, tile=8, overlap=2,
+  fn = {"direct": functools.partial(generation.generate, **STEPS),
+        "tiles": functools.partial(generation.generate_tiled, tile=8, overlap=2,
                                    **STEPS)}[which]
   labels = jax.ShapeDtypeStruct((batch, size, size), jnp.uint8)
   return jax.jit(lambda p, f, l, k: fn(ldm, p, f, l, k)).lower(
@@ -228,7 +228,7 @@ def test_tile_seams_are_not_visible():
   key = jax.random.key(2)
   tiled = np.asarray(_compiled("tiles", 8, 64)(params, fs, labels, key))
   direct = np.asarray(_compiled("direct", 8, 64)(params, fs, labels, key))
-  starts = sampling.tile_starts(16, 8, 2)
+  starts = generation.tile_starts(16, 8, 2)
   f = ldm.downsample_factor
   rows = sorted({s * f for s in starts if s} |
                 {(s + 8) * f for s in starts if s + 8 < 16})
@@ -297,7 +297,7 @@ def test_sample_cli_region_edit(converted, tmp_path, capsys):
   assert s["changed_pixels"] == int((old != new).sum()) == 96
   assert s["max_error_outside"] == 0 and s["kept_pixels"] > 500
   result = np.asarray(Image.open(tmp_path / "e" / "photo_edit_1.png"))
-  _, weight = editing.edit_masks(old, new, 4, s["edit_margin"])
+  _, weight = region_edit.edit_masks(old, new, 4, s["edit_margin"])
   np.testing.assert_array_equal(result[weight[0] == 0],
                                 photo[weight[0] == 0])
   strip = np.asarray(Image.open(tmp_path / "e" / "photo_edit_strip.png"))

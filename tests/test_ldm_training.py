@@ -10,8 +10,8 @@ import optax
 import pytest
 
 from segldm_jax import convert
-from segldm_jax import ldm_training
 from segldm_jax.models import build
+from segldm_jax.training import ldm_step
 
 TRAIN = {"base_learning_rate": 1e-4, "batch_size": 4, "ema_decay": 0.9999}
 
@@ -38,14 +38,14 @@ def _compiled_once(accum, nonfinite, cond_drop_prob):
   ldm = _setup()[0]
   cfg = dict(TRAIN, grad_accum=accum, nonfinite=nonfinite,
              cond_drop_prob=cond_drop_prob)
-  opt = ldm_training.make_optimizer(cfg)
-  return opt, jax.jit(ldm_training.make_train_step(ldm, opt, cfg))
+  opt = ldm_step.make_optimizer(cfg)
+  return opt, jax.jit(ldm_step.make_train_step(ldm, opt, cfg))
 
 
 def _run(accum, steps=1):
   _, params, fs, batch = _setup()
   opt, step = _compiled(accum)
-  state = ldm_training.init_state(params, opt)
+  state = ldm_step.init_state(params, opt)
   for _ in range(steps):
     state, metrics = step(state, batch, fs, jax.random.key(7))
   return state, metrics
@@ -64,23 +64,23 @@ def test_grad_accumulation_is_exact():
 
 
 def test_lr_scales_with_batch_and_adamw_decays_weights():
-  assert ldm_training.learning_rate(TRAIN) == pytest.approx(4e-4)
-  assert ldm_training.learning_rate(dict(TRAIN, scale_lr=False)) == 1e-4
+  assert ldm_step.learning_rate(TRAIN) == pytest.approx(4e-4)
+  assert ldm_step.learning_rate(dict(TRAIN, scale_lr=False)) == 1e-4
 
 
 def test_lr_schedules():
   peak = 4e-4
-  const = ldm_training.lr_schedule(TRAIN)
+  const = ldm_step.lr_schedule(TRAIN)
   assert [float(const(n)) for n in (0, 10**6)] == pytest.approx([peak, peak])
-  warm = ldm_training.lr_schedule(dict(TRAIN, warmup_steps=10))
+  warm = ldm_step.lr_schedule(dict(TRAIN, warmup_steps=10))
   assert [float(warm(n)) for n in (0, 5, 10, 500)] == pytest.approx(
       [0.0, peak / 2, peak, peak])
-  cos = ldm_training.lr_schedule(dict(TRAIN, lr_schedule="cosine", steps=100))
+  cos = ldm_step.lr_schedule(dict(TRAIN, lr_schedule="cosine", steps=100))
   # Half-way down a cosine from the peak to 5% of it, then held there.
   assert [float(cos(n)) for n in (0, 50, 100, 200)] == pytest.approx(
       [peak, 0.525 * peak, 0.05 * peak, 0.05 * peak])
   with pytest.raises(ValueError, match="lr_schedule='linear'"):
-    ldm_training.lr_schedule(dict(TRAIN, lr_schedule="linear"))
+    ldm_step.lr_schedule(dict(TRAIN, lr_schedule="linear"))
 
 
 def test_ema_follows_litema_warmup():
@@ -88,7 +88,7 @@ def test_ema_follows_litema_warmup():
   state, metrics = _run(accum=1, steps=2)
   assert float(metrics["ema_decay"]) == pytest.approx(3 / 12)
   assert int(state.ema_updates) == 2
-  np.testing.assert_allclose(ldm_training.ema_decay(jnp.asarray(10**6), 0.9999),
+  np.testing.assert_allclose(ldm_step.ema_decay(jnp.asarray(10**6), 0.9999),
                              0.9999)
 
 
@@ -105,7 +105,7 @@ def test_first_stage_and_step_counter():
 def test_nonfinite_step_is_not_applied_when_skipping():
   _, params, fs, batch = _setup()
   opt, step = _compiled(1, "skip")
-  state = ldm_training.init_state(params, opt)
+  state = ldm_step.init_state(params, opt)
   bad_fs = jax.tree.map(lambda x: x * jnp.nan, fs)  # NaN latents
   new, metrics = step(state, batch, bad_fs, jax.random.key(0))
   assert not bool(metrics["finite"]) and int(new.skipped) == 1
@@ -119,7 +119,7 @@ def test_nonfinite_step_is_counted_when_stopping():
   before anything is saved (tests/test_train_e2e.py)."""
   _, params, fs, batch = _setup()
   opt, step = _compiled(1, "stop")
-  state = ldm_training.init_state(params, opt)
+  state = ldm_step.init_state(params, opt)
   new, metrics = step(state, batch, fs, jax.random.key(0))
   assert bool(metrics["finite"]) and int(new.skipped) == 0
   bad_fs = jax.tree.map(lambda x: x * jnp.nan, fs)
@@ -141,7 +141,7 @@ def test_cond_drop_trains_the_unconditional_model():
 
   def rescaler_moment(cond_drop_prob):
     opt, step = _compiled(1, "stop", cond_drop_prob)
-    state, _ = step(ldm_training.init_state(params, opt), batch,
+    state, _ = step(ldm_step.init_state(params, opt), batch,
                     conv.params["first_stage"], jax.random.key(0))
     mu = optax.tree_utils.tree_get(state.opt_state, "mu")["cond_stage"]
     return float(optax.global_norm(mu))

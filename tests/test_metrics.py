@@ -1,4 +1,4 @@
-"""Tests for segldm_jax.metrics: metrics.jsonl and tensorboardX event files."""
+"""Tests for segldm_jax.training.metrics: metrics.jsonl and tensorboardX event files."""
 import io
 import json
 import math
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import event_files
-from segldm_jax.metrics import MetricWriter, read_jsonl
+from segldm_jax.training.metrics import MetricWriter, read_jsonl
 
 
 def _image(seed: int, shape=(6, 5, 3)) -> np.ndarray:

@@ -29,12 +29,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segldm_jax import checkpoints
-from segldm_jax import layout
-from segldm_jax import metrics
-from segldm_jax import parallel
-from segldm_jax import run_config
+from segldm_jax.checkpoint import store
+from segldm_jax.checkpoint import workdir_files
+from segldm_jax.config import run_config
 from segldm_jax.models import build
+from segldm_jax.runtime import last_words
+from segldm_jax.training import metrics
 from segldm_jax.ui.headless import free_port
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -90,7 +90,7 @@ def _first_error(log):
 
 def _params(workdir):
   ldm = build.build_model(run_config.load(workdir).model)
-  params, step = checkpoints.restore_params(workdir, ldm, use_ema=False)
+  params, step = store.restore_params(workdir, ldm, use_ema=False)
   return jax.tree.leaves(params), step
 
 
@@ -166,7 +166,7 @@ def _wait_for_step(workdir, procs, past: int, timeout=600) -> int:
   """Waits until a checkpoint newer than `past` is complete; -> its step."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
-    step = parallel.last_complete_step(workdir / "checkpoints")
+    step = last_words.last_complete_step(workdir / "checkpoints")
     if step is not None and step > past:
       return step
     assert all(p.poll() is None for p in procs), "a process ended early"
@@ -186,8 +186,8 @@ def test_preemption_and_a_lost_process(runs, tmp_path):
   # would make): two processes that both write it race, and process 1 can
   # find process 0's model.yaml before its params/ and stop (a library race,
   # segldm_jax/first_stage.py `prepare`, seen once here).
-  shutil.copytree(runs / "multi" / layout.FIRST_STAGE_DIR,
-                  workdir / layout.FIRST_STAGE_DIR)
+  shutil.copytree(runs / "multi" / workdir_files.FIRST_STAGE_DIR,
+                  workdir / workdir_files.FIRST_STAGE_DIR)
 
   # 1. SIGTERM to process 1 only: both stop at the same step, save it and
   #    exit 0.
@@ -200,7 +200,7 @@ def test_preemption_and_a_lost_process(runs, tmp_path):
            for e in errs]
   assert saved[0] == saved[1] >= first, errs
   stopped = saved[0]
-  assert parallel.last_complete_step(workdir / "checkpoints") == stopped
+  assert last_words.last_complete_step(workdir / "checkpoints") == stopped
 
   # 2. The rerun resumes there; SIGKILL process 1 after its next checkpoint.
   procs, logs = _start(workdir, 1000, "kill")
@@ -216,7 +216,7 @@ def test_preemption_and_a_lost_process(runs, tmp_path):
   assert procs[0].returncode not in (0, None), err[-3000:]
   assert waited < HEARTBEAT_S + 10, (waited, err[-3000:])
   last = err.strip().splitlines()[-1]
-  latest = parallel.last_complete_step(workdir / "checkpoints")
+  latest = last_words.last_complete_step(workdir / "checkpoints")
   assert latest >= kept
   assert re.fullmatch(
       rf"error: process 1 of 2 stopped \(no heartbeat for {HEARTBEAT_S} s: "
@@ -237,11 +237,10 @@ def test_preemption_and_a_lost_process(runs, tmp_path):
 
 _IDLE = """
 import sys, time
-from segldm_jax import parallel
 port, me, workdir = sys.argv[1:4]
-parallel.maybe_initialize_distributed(f"localhost:{port}", 2, int(me),
+distributed.maybe_initialize_distributed(f"localhost:{port}", 2, int(me),
                                       heartbeat_timeout_s=3)
-parallel.watch_peers(3, f"{workdir}/checkpoints")
+peers.watch_peers(3, f"{workdir}/checkpoints")
 print("ready", flush=True)
 while True:
   time.sleep(0.1)

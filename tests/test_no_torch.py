@@ -98,7 +98,7 @@ def test_product_runs_without_torch(tmp_path):
   assert result["attempts"] == [], result["attempts"]
   assert not result["torch_loaded"]
   assert result["failed"] == {}, result["failed"]
-  assert {"segldm_jax.convert", "segldm_jax.convert.torch_io", "segldm_jax.checkpoints",
+  assert {"segldm_jax.convert", "segldm_jax.convert.torch_io", "segldm_jax.checkpoint.store",
           "segldm_jax.convert.infer_config", "convert_torch_ckpt",
           "segldm_jax.convert.export", "export_torch_ckpt"} <= set(
               result["imported"]), result["imported"]

@@ -20,11 +20,11 @@ from PIL import ImageFilter
 
 from configs import seg_f4
 import sample
-from segldm_jax import checkpoints
-from segldm_jax import layout
-from segldm_jax import palette
-from segldm_jax import run_config
+from segldm_jax.checkpoint import store
+from segldm_jax.checkpoint import workdir_files
+from segldm_jax.config import run_config
 from segldm_jax.data import masks as masks_lib
+from segldm_jax.data import palette
 from segldm_jax.data.base import DataError
 from segldm_jax.models import build
 
@@ -43,12 +43,12 @@ def workdir(tmp_path_factory) -> pathlib.Path:
             "cond_stage": build.init_params(ldm.cond_stage, k2)}
   wd = tmp_path_factory.mktemp("converted182")
   node = c.model.params.first_stage_config.to_dict()
-  checkpoints.save_model_dir(wd / layout.FIRST_STAGE_DIR, node,
+  store.save_model_dir(wd / workdir_files.FIRST_STAGE_DIR, node,
                              jax.device_get(build.init_params(ldm.first_stage,
                                                               k3)))
-  checkpoints.save_converted_workdir(
+  store.save_converted_workdir(
       wd, {"model": c.model.to_dict(),
-           "first_stage": {"checkpoint": layout.FIRST_STAGE_DIR}},
+           "first_stage": {"checkpoint": workdir_files.FIRST_STAGE_DIR}},
       0, jax.device_get(params), None, {"global_step": 0})
   return wd
 

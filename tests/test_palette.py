@@ -1,10 +1,10 @@
-"""Tests for segldm_jax.palette."""
+"""Tests for segldm_jax.data.palette."""
 import numpy as np
 import pytest
 
 from segldm_jax.data import IGNORE_ID
-from segldm_jax import palette as palette_lib
-from segldm_jax.palette import bit_palette, colorize, palette
+from segldm_jax.data import palette as palette_lib
+from segldm_jax.data.palette import bit_palette, colorize, palette
 
 
 def test_coco_stuff_palette_is_spades():

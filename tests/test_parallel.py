@@ -1,4 +1,4 @@
-"""Tests for segldm_jax.parallel on 8 host CPU devices (see conftest.py)."""
+"""Tests for segldm_jax.runtime (sharding, distributed, peers) on 8 host CPU devices (see conftest.py)."""
 
 import subprocess
 import sys
@@ -12,8 +12,8 @@ import optax
 import pytest
 
 from segldm_jax import formatting
-from segldm_jax import parallel
 from segldm_jax.models import build
+from segldm_jax.runtime import sharding
 from segldm_jax.ui.headless import free_port
 
 
@@ -30,9 +30,9 @@ def unet(fixtures_dir):
       fixtures_dir / "unet_tiny.yaml"))
 
 
-def _spec(shape, mesh, rules=parallel.FSDP, min_size=0):
+def _spec(shape, mesh, rules=sharding.FSDP, min_size=0):
   tree = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
-  return parallel.shardings_from_rules(tree, mesh, rules,
+  return sharding.shardings_from_rules(tree, mesh, rules,
                                        min_size=min_size)["w"].spec
 
 
@@ -48,7 +48,7 @@ def _spec(shape, mesh, rules=parallel.FSDP, min_size=0):
     ([["data", -1]], {"data": 8}),  # YAML gives lists, not tuples.
 ])
 def test_make_mesh_shapes(axes, shape):
-  mesh = parallel.make_mesh(axes)
+  mesh = sharding.make_mesh(axes)
   assert dict(mesh.shape) == shape
   assert mesh.devices.size == 8
   assert set(mesh.devices.flat) == set(jax.devices())
@@ -57,14 +57,14 @@ def test_make_mesh_shapes(axes, shape):
 
 
 def test_make_mesh_explicit_devices():
-  mesh = parallel.make_mesh([("data", -1)], devices=jax.devices()[:4])
+  mesh = sharding.make_mesh([("data", -1)], devices=jax.devices()[:4])
   assert dict(mesh.shape) == {"data": 4}
   assert set(mesh.devices.flat) == set(jax.devices()[:4])
 
 
 def test_make_mesh_wrong_product_names_config_and_fix():
   with pytest.raises(ValueError) as e:
-    parallel.make_mesh([("data", 3), ("fsdp", 1)])
+    sharding.make_mesh([("data", 3), ("fsdp", 1)])
   assert str(e.value) == (
       "mesh [('data', 3), ('fsdp', 1)] needs 3 devices but 8 are available; "
       "use ('data', -1) or sizes whose product is 8")
@@ -74,10 +74,10 @@ def test_make_mesh_suggests_an_axis_that_works():
   # data=-1 would need 8 % 3 == 0; fsdp=-1 works.
   with pytest.raises(ValueError, match=r"use \('fsdp', -1\) or sizes whose "
                      r"product is 8"):
-    parallel.make_mesh([("data", 1), ("fsdp", 3)])
+    sharding.make_mesh([("data", 1), ("fsdp", 3)])
   with pytest.raises(ValueError, match=r"needs 9 devices but 8 are available; "
                      r"use sizes whose product is 8$"):
-    parallel.make_mesh([("data", 3), ("fsdp", 3)])
+    sharding.make_mesh([("data", 3), ("fsdp", 3)])
 
 
 @pytest.mark.parametrize("axes, match", [
@@ -89,30 +89,30 @@ def test_make_mesh_suggests_an_axis_that_works():
 ])
 def test_make_mesh_rejects(axes, match):
   with pytest.raises(ValueError, match=match):
-    parallel.make_mesh(axes)
+    sharding.make_mesh(axes)
 
 
 # --- batch -----------------------------------------------------------------
 
 
 def test_batch_sharding_uses_data_then_fsdp():
-  mesh = parallel.make_mesh([("fsdp", 4), ("data", 2)])
-  assert parallel.batch_axes(mesh) == ("data", "fsdp")
-  assert parallel.batch_sharding(mesh).spec == P(("data", "fsdp"))
-  mesh = parallel.make_mesh([("data", 8)])
-  assert parallel.batch_sharding(mesh).spec == P(("data",))
-  assert parallel.replicated(mesh).spec == P()
+  mesh = sharding.make_mesh([("fsdp", 4), ("data", 2)])
+  assert sharding.batch_axes(mesh) == ("data", "fsdp")
+  assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
+  mesh = sharding.make_mesh([("data", 8)])
+  assert sharding.batch_sharding(mesh).spec == P(("data",))
+  assert sharding.replicated(mesh).spec == P()
   with pytest.raises(ValueError, match="none of the batch axes"):
-    parallel.batch_sharding(parallel.make_mesh([("model", 8)]))
+    sharding.batch_sharding(sharding.make_mesh([("model", 8)]))
 
 
 @pytest.mark.parametrize("axes", [[("data", 8)], [("data", 2), ("fsdp", 4)],
                                   [("fsdp", 8)]])
 def test_global_batch_two_rows_per_device(axes):
-  mesh = parallel.make_mesh(axes)
+  mesh = sharding.make_mesh(axes)
   x = np.arange(16 * 8 * 8 * 3, dtype=np.float32).reshape(16, 8, 8, 3)
   y = np.arange(16, dtype=np.int32)
-  batch = parallel.global_batch({"image": x, "label": y}, mesh)
+  batch = sharding.global_batch({"image": x, "label": y}, mesh)
   assert batch["image"].shape == (16, 8, 8, 3)
   shards = batch["image"].addressable_shards
   assert len(shards) == 8
@@ -124,22 +124,22 @@ def test_global_batch_two_rows_per_device(axes):
     np.testing.assert_array_equal(s.data, x[s.index])
   np.testing.assert_array_equal(batch["image"], x)
   assert [s.data.shape for s in batch["label"].addressable_shards] == [(2,)] * 8
-  assert parallel.per_device_bytes(batch) == (2 * 8 * 8 * 3 + 2) * 4
+  assert sharding.per_device_bytes(batch) == (2 * 8 * 8 * 3 + 2) * 4
 
 
 def test_global_batch_rejects_uneven_batch():
-  mesh = parallel.make_mesh([("data", 8)])
+  mesh = sharding.make_mesh([("data", 8)])
   with pytest.raises(ValueError, match=r"'image' .*\(12 rows\) must split "
                      "evenly over 8 batch shards"):
-    parallel.global_batch({"image": np.zeros((12, 2))}, mesh)
+    sharding.global_batch({"image": np.zeros((12, 2))}, mesh)
 
 
 # --- rules -----------------------------------------------------------------
 
 
 def test_fsdp_shards_largest_divisible_dim():
-  mesh4 = parallel.make_mesh([("data", 2), ("fsdp", 4)])
-  mesh8 = parallel.make_mesh([("fsdp", 8)])
+  mesh4 = sharding.make_mesh([("data", 2), ("fsdp", 4)])
+  mesh8 = sharding.make_mesh([("fsdp", 8)])
   assert _spec((3, 3, 128, 256), mesh4) == P(None, None, None, "fsdp")
   assert _spec((3, 3, 256, 128), mesh4) == P(None, None, "fsdp", None)
   assert _spec((3, 3, 6, 32), mesh8) == P(None, None, None, "fsdp")
@@ -151,40 +151,40 @@ def test_fsdp_shards_largest_divisible_dim():
 
 
 def test_fsdp_small_and_scalar_leaves_replicate():
-  mesh = parallel.make_mesh([("fsdp", 8)])
+  mesh = sharding.make_mesh([("fsdp", 8)])
   assert _spec((128, 128), mesh, min_size=2**14) == P(None, "fsdp")
   assert _spec((128, 127), mesh, min_size=2**14) == P()  # 16256 < 2**14.
   assert _spec((), mesh) == P()
   tree = {"step": 0, "count": jnp.zeros((), jnp.int32), "lr": 1e-4}
-  out = parallel.shardings_from_rules(tree, mesh, parallel.FSDP)
+  out = sharding.shardings_from_rules(tree, mesh, sharding.FSDP)
   assert {k: v.spec for k, v in out.items()} == {k: P() for k in tree}
 
 
 def test_fsdp_without_fsdp_axis_replicates():
-  mesh = parallel.make_mesh([("data", 8)])
+  mesh = sharding.make_mesh([("data", 8)])
   assert _spec((3, 3, 128, 256), mesh) == P()
-  mesh = parallel.make_mesh([("data", -1), ("fsdp", 1)])
+  mesh = sharding.make_mesh([("data", -1), ("fsdp", 1)])
   assert _spec((3, 3, 128, 256), mesh) == P()
 
 
 def test_rules_first_match_wins_and_unmatched_replicate():
-  mesh = parallel.make_mesh([("fsdp", 8)])
+  mesh = sharding.make_mesh([("fsdp", 8)])
   sds = jax.ShapeDtypeStruct((256, 256), jnp.float32)
   tree = {"params": {"unet": {"out_2": {"kernel": sds},
                               "in_2": {"kernel": sds}}},
           "ema": {"unet": {"in_2": {"kernel": sds}}}}
   rules = [(r"^ema/", "replicate"), (r"out_\d+/", "replicate"),
            (r"^params/", "fsdp"), (r"out_2", "fsdp")]
-  out = parallel.shardings_from_rules(tree, mesh, rules)
+  out = sharding.shardings_from_rules(tree, mesh, rules)
   assert out["params"]["unet"]["out_2"]["kernel"].spec == P()
   assert out["params"]["unet"]["in_2"]["kernel"].spec == P(None, "fsdp")
   assert out["ema"]["unet"]["in_2"]["kernel"].spec == P()
   # re.search, not re.match: a rule can match in the middle of a path.
-  out = parallel.shardings_from_rules(tree, mesh, [("in_2", "fsdp")])
+  out = sharding.shardings_from_rules(tree, mesh, [("in_2", "fsdp")])
   assert out["params"]["unet"]["in_2"]["kernel"].spec == P(None, "fsdp")
   assert out["ema"]["unet"]["in_2"]["kernel"].spec == P(None, "fsdp")
   assert out["params"]["unet"]["out_2"]["kernel"].spec == P()
-  out = parallel.shardings_from_rules(tree, mesh, parallel.DATA_PARALLEL)
+  out = sharding.shardings_from_rules(tree, mesh, sharding.DATA_PARALLEL)
   assert all(s.spec == P() for s in jax.tree.leaves(out))
 
 
@@ -194,13 +194,13 @@ def test_rules_first_match_wins_and_unmatched_replicate():
     ([("x",)], "not a \\(regex, strategy\\) pair"),
 ])
 def test_rules_rejects_bad_config(rules, match):
-  mesh = parallel.make_mesh([("fsdp", 8)])
+  mesh = sharding.make_mesh([("fsdp", 8)])
   with pytest.raises(ValueError, match=match):
-    parallel.shardings_from_rules({"w": jnp.zeros(4)}, mesh, rules)
+    sharding.shardings_from_rules({"w": jnp.zeros(4)}, mesh, rules)
 
 
 def test_paths_through_optax_state_and_dataclasses(unet):
-  mesh = parallel.make_mesh([("fsdp", 8)])
+  mesh = sharding.make_mesh([("fsdp", 8)])
   params = build.param_shapes(unet)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4))
   state = {"params": {"unet": params}, "ema": {"unet": params},
@@ -216,7 +216,7 @@ def test_paths_through_optax_state_and_dataclasses(unet):
   assert f"opt_state/1/0/nu/{kernel}" in seen
   assert "opt_state/1/0/count" in seen
 
-  out = parallel.shardings_from_rules(
+  out = sharding.shardings_from_rules(
       state, mesh, [(r"^ema/", "replicate"), (".*", "fsdp")], min_size=0)
   assert jax.tree.structure(out) == jax.tree.structure(state)
   mu = out["opt_state"][1][0].mu["unet"]["input_blocks_1_0"]["in_layers_2"]
@@ -234,10 +234,10 @@ def test_paths_through_optax_state_and_dataclasses(unet):
 
 @pytest.fixture(scope="module")
 def born_sharded(unet):
-  mesh = parallel.make_mesh([("fsdp", 8)])
+  mesh = sharding.make_mesh([("fsdp", 8)])
   abstract = build.param_shapes(unet)
   # The tiny UNet's kernels are mostly < 2**14 elements; shard all but biases.
-  shardings = parallel.shardings_from_rules(abstract, mesh, parallel.FSDP,
+  shardings = sharding.shardings_from_rules(abstract, mesh, sharding.FSDP,
                                             min_size=256)
   params = jax.jit(lambda: build.init_params(unet, jax.random.key(0)),
                    out_shardings=shardings)()
@@ -255,10 +255,10 @@ def test_unet_params_born_sharded(born_sharded):
   assert shard_shapes == [(3, 3, 32, 8)] * 8
   assert params["out_2"]["bias"].sharding.spec == P()  # 3 elements.
 
-  full = jax.device_put(jax.device_get(params), parallel.replicated(mesh))
-  full_bytes = parallel.per_device_bytes(full)
+  full = jax.device_put(jax.device_get(params), sharding.replicated(mesh))
+  full_bytes = sharding.per_device_bytes(full)
   assert full_bytes == 703363 * 4  # Every float32 parameter of the tiny UNet.
-  sharded_bytes = parallel.per_device_bytes(params)
+  sharded_bytes = sharding.per_device_bytes(params)
   assert sharded_bytes <= 0.2 * full_bytes, (sharded_bytes, full_bytes)
   assert sharded_bytes == sum(
       np.prod(s.shard_shape(x.shape)) * 4
@@ -269,11 +269,11 @@ def test_unet_sharded_apply_matches_unsharded(unet, born_sharded):
   mesh, _, _, params = born_sharded
   x = np.asarray(jax.random.normal(jax.random.key(1), (16, 8, 8, 6)))
   t = np.arange(16, dtype=np.int32) * 60
-  batch = parallel.global_batch({"x": x, "t": t}, mesh)
+  batch = sharding.global_batch({"x": x, "t": t}, mesh)
   apply = jax.jit(unet.apply)
   out = apply({"params": params}, batch["x"], batch["t"])
   assert out.shape == (16, 8, 8, 3)
-  assert out.sharding.is_equivalent_to(parallel.batch_sharding(mesh), 4)
+  assert out.sharding.is_equivalent_to(sharding.batch_sharding(mesh), 4)
   # Host copies: the reference runs on one device, with nothing sharded.
   want = apply({"params": jax.device_get(params)}, x, t)
   assert len(want.sharding.device_set) == 1
@@ -282,19 +282,19 @@ def test_unet_sharded_apply_matches_unsharded(unet, born_sharded):
 
 def test_describe_unet(born_sharded):
   _, abstract, shardings, params = born_sharded
-  lines = parallel.describe(shardings, abstract, top=3).splitlines()
+  lines = sharding.describe(shardings, abstract, top=3).splitlines()
   assert len(lines) == 5
   assert lines[0].split() == ["leaf", "shape", "spec", "per", "device"]
   assert lines[1].split() == [
       "output_blocks_0_0/in_layers_2/kernel", "(3,", "3,", "128,", "64)",
       "(None,", "None,", "fsdp,", "None)", "36.0", "KiB"]
   assert lines[2].startswith("output_blocks_1_0/in_layers_2/kernel ")
-  local = formatting.human_bytes(parallel.per_device_bytes(params))
+  local = formatting.human_bytes(sharding.per_device_bytes(params))
   assert lines[-1] == (f"128 leaves: 2.7 MiB in total, {local} per device "
-                       f"({parallel.per_device_bytes(params) / 2813452:.1%})")
-  table = parallel.describe(
-      parallel.shardings_from_rules(abstract, born_sharded[0],
-                                    parallel.DATA_PARALLEL), abstract, top=1)
+                       f"({sharding.per_device_bytes(params) / 2813452:.1%})")
+  table = sharding.describe(
+      sharding.shardings_from_rules(abstract, born_sharded[0],
+                                    sharding.DATA_PARALLEL), abstract, top=1)
   assert "replicated" in table.splitlines()[1]
   assert table.endswith("2.7 MiB per device (100.0%)")
 
@@ -307,16 +307,18 @@ def test_fmt_bytes():
 
 _FAILING_PROCESS = r"""
 import sys
-from segldm_jax import cli, errors, parallel
+from segldm_jax import errors
+from segldm_jax.config import cli
+from segldm_jax.runtime import distributed, peers
 
 @cli.main_exits
 def main(port, me, bad):
-  parallel.maybe_initialize_distributed(f"127.0.0.1:{port}", 2, me,
+  distributed.maybe_initialize_distributed(f"127.0.0.1:{port}", 2, me,
                                         heartbeat_timeout_s=60)
-  parallel.watch_peers(60, sys.argv[4], ["train.py"])
+  peers.watch_peers(60, sys.argv[4], ["train.py"])
   if me == bad:
     raise errors.InputError("a corrupt image in this process's shard")
-  parallel.barrier("waits for the failed process", timeout_s=300)
+  distributed.barrier("waits for the failed process", timeout_s=300)
   return 0
 
 sys.exit(main(*map(int, sys.argv[1:4])))

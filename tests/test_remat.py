@@ -16,9 +16,9 @@ import pytest
 
 from benchmarks import memory
 from configs import seg_f4
-from segldm_jax import ldm_training
-from segldm_jax import run_config
+from segldm_jax.config import run_config
 from segldm_jax.models import build
+from segldm_jax.training import ldm_step
 
 CFG = {"base_learning_rate": 1e-4, "batch_size": 4, "ema_decay": 0.9999}
 
@@ -45,9 +45,9 @@ def _model_and_inputs():
 def _compiled(remat: str, encode_chunks: int = 1):
   ldm, params, fs, batch = _model_and_inputs()
   cfg = dict(CFG, remat=remat, encode_chunks=encode_chunks)
-  opt = ldm_training.make_optimizer(cfg)
-  state = ldm_training.init_state(params, opt)
-  step = jax.jit(ldm_training.make_train_step(ldm, opt, cfg))
+  opt = ldm_step.make_optimizer(cfg)
+  state = ldm_step.init_state(params, opt)
+  step = jax.jit(ldm_step.make_train_step(ldm, opt, cfg))
   return step(state, batch, fs, jax.random.key(5))
 
 
@@ -115,29 +115,29 @@ def test_block_remat_frees_the_activations_in_the_compiled_program():
 
 
 def test_bf16_weight_casts_after_the_latents_are_the_plain_casts():
-  # ldm_training._cast_after multiplies by a 1 made from the latents (a
+  # ldm_step._cast_after multiplies by a 1 made from the latents (a
   # scheduling constraint on CPU): the weights must come out bit for bit,
   # signed zeros included.
   params = {"w": jnp.asarray([1.5, -0.0, 3e-8, -1e30, 0.1], jnp.float32)}
   z = jnp.asarray([[0.25, -2.0]], jnp.float32)
-  cast = jax.jit(ldm_training._cast_after, static_argnums=2)(
+  cast = jax.jit(ldm_step._cast_after, static_argnums=2)(
       z, params, jnp.bfloat16)
   np.testing.assert_array_equal(
       np.asarray(cast["w"]).view(np.uint16),
       np.asarray(params["w"].astype(jnp.bfloat16)).view(np.uint16))
-  assert ldm_training._cast_after(z, params, jnp.float32) is params
+  assert ldm_step._cast_after(z, params, jnp.float32) is params
 
 
 def test_chunked_encoder_gives_the_same_latents():
   ldm, _, fs, batch = _model_and_inputs()
   image = batch["image"].astype(np.float32) / 127.5 - 1.0
   whole = jax.jit(ldm.encode)(fs, image)
-  chunked = jax.jit(functools.partial(ldm_training.encode_in_chunks, ldm,
+  chunked = jax.jit(functools.partial(ldm_step.encode_in_chunks, ldm,
                                       chunks=2))(fs, image)
   # Each image is encoded alone either way; the batch size of the
   # convolutions may change their float32 summation order.
   np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5)
-  order = ldm_training.micro_batches(jnp.arange(8), 2)
+  order = ldm_step.micro_batches(jnp.arange(8), 2)
   np.testing.assert_array_equal(order, [[0, 2, 4, 6], [1, 3, 5, 7]])
 
 
@@ -158,9 +158,9 @@ def _conv_dtypes(closed_jaxpr):
 def test_bfloat16_step_runs_the_unet_convolutions_in_bfloat16():
   ldm, params, fs, batch = _model_and_inputs()
   cfg = dict(CFG, compute_dtype="bfloat16")
-  opt = ldm_training.make_optimizer(cfg)
-  step = ldm_training.make_train_step(ldm, opt, cfg)
-  state = ldm_training.init_state(params, opt)
+  opt = ldm_step.make_optimizer(cfg)
+  step = ldm_step.make_train_step(ldm, opt, cfg)
+  state = ldm_step.init_state(params, opt)
   convs = _conv_dtypes(jax.make_jaxpr(step)(state, batch, fs,
                                             jax.random.key(0)))
   image = jnp.zeros((4, 32, 32, 3))

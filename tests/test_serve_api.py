@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segldm_jax import trained_model
-from segldm_jax import xla_cpu
+from segldm_jax.inference import trained_model
+from segldm_jax.runtime import xla_cpu
 from segldm_jax.ui import server
 from segldm_jax.ui import studio as studio_lib
 

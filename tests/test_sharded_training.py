@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from segldm_jax import ldm_training
-from segldm_jax import parallel
 from segldm_jax.models import build
+from segldm_jax.runtime import sharding
+from segldm_jax.training import ldm_step
 
 TRAIN = {"base_learning_rate": 1e-4, "batch_size": 8}
 MESHES = {"1 device": [("data", 1)], "data=8": [("data", 8), ("fsdp", 1)],
@@ -41,18 +41,18 @@ def _batches():
 def _mesh_and_shardings(mesh_name):
   ldm = _model()
   devices = jax.devices()[:1] if mesh_name == "1 device" else None
-  mesh = parallel.make_mesh(MESHES[mesh_name], devices=devices)
-  optimizer = ldm_training.make_optimizer(TRAIN)
+  mesh = sharding.make_mesh(MESHES[mesh_name], devices=devices)
+  optimizer = ldm_step.make_optimizer(TRAIN)
 
   def init(rng):
     k1, k2, k3 = jax.random.split(rng, 3)
     params = {"unet": build.init_params(ldm.unet, k1),
               "cond_stage": build.init_params(ldm.cond_stage, k2)}
-    return ldm_training.init_state(params, optimizer), build.init_params(
+    return ldm_step.init_state(params, optimizer), build.init_params(
         ldm.first_stage, k3)
 
   abstract, _ = jax.eval_shape(init, jax.random.key(0))
-  shardings = parallel.shardings_from_rules(abstract, mesh, parallel.FSDP,
+  shardings = sharding.shardings_from_rules(abstract, mesh, sharding.FSDP,
                                             min_size=0)
   return ldm, mesh, optimizer, init, shardings
 
@@ -61,17 +61,17 @@ def _mesh_and_shardings(mesh_name):
 def _train(mesh_name):
   ldm, mesh, optimizer, init, shardings = _mesh_and_shardings(mesh_name)
   rng = jax.random.key(0)
-  repl = parallel.replicated(mesh)
+  repl = sharding.replicated(mesh)
   state, fs = jax.jit(init, out_shardings=(shardings, repl))(rng)
-  step = jax.jit(ldm_training.make_train_step(ldm, optimizer, TRAIN),
-                 in_shardings=(shardings, parallel.batch_sharding(mesh), repl,
+  step = jax.jit(ldm_step.make_train_step(ldm, optimizer, TRAIN),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh), repl,
                                repl),
                  out_shardings=(shardings, repl), donate_argnums=(0,))
   losses = []
   for batch in _batches():
-    state, metrics = step(state, parallel.global_batch(batch, mesh), fs, rng)
+    state, metrics = step(state, sharding.global_batch(batch, mesh), fs, rng)
     losses.append(float(metrics["loss"]))
-  return losses, jax.device_get(state.params), parallel.per_device_bytes(
+  return losses, jax.device_get(state.params), sharding.per_device_bytes(
       state.params)
 
 
@@ -90,7 +90,7 @@ def test_fsdp_holds_an_eighth_of_the_parameters_per_device():
   # The same rules on data=8 (fsdp axis of 1): every device holds all of it.
   _, want_params, single = _train("1 device")
   params = _mesh_and_shardings("data=8")[4].params
-  replicated = parallel.per_device_bytes(jax.device_put(want_params, params))
+  replicated = sharding.per_device_bytes(jax.device_put(want_params, params))
   sharded = _train("fsdp=8")[2]
   assert replicated == single
   assert sharded <= 0.14 * replicated, (sharded, replicated)

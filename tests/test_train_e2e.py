@@ -22,13 +22,13 @@ from PIL import Image
 
 import corruption
 import event_files
-from segldm_jax import checkpoints
-from segldm_jax import layout
-from segldm_jax import metrics
-from segldm_jax import run_config
-from segldm_jax import viz
+from segldm_jax.checkpoint import store
+from segldm_jax.checkpoint import workdir_files
+from segldm_jax.config import run_config
 from segldm_jax.data import pipeline
+from segldm_jax.data import viz
 from segldm_jax.models import build
+from segldm_jax.training import metrics
 
 ROOT = pathlib.Path(__file__).parents[1]
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -199,7 +199,7 @@ def test_five_sigkills_at_random_moments_lose_nothing(uninterrupted, tmp_path,
   assert [e.step for e in events if e.summary.value] == list(range(1, 61))
   ldm = build.build_model(run_config.load(wd).model)
   for ema in (False, True):
-    (a, sa), (b, sb) = (checkpoints.restore_params(w, ldm, use_ema=ema)
+    (a, sa), (b, sb) = (store.restore_params(w, ldm, use_ema=ema)
                         for w in (wd, uninterrupted))
     assert sa == sb == 60
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -257,8 +257,8 @@ def test_without_a_first_stage_it_trains_one_then_reuses_it(tmp_path, env):
         "--config.train.checkpoint_every=2",
         "--config.model.params.scale_by_std=True"]
   first = _train(wd, env, *vq, "--config.train.steps=2")
-  fs = wd / layout.FIRST_STAGE_DIR
-  vq_model, params, node = checkpoints.load_model_dir(fs)
+  fs = wd / workdir_files.FIRST_STAGE_DIR
+  vq_model, params, node = store.load_model_dir(fs)
   # scale_by_std: 1 / std of the pre-quantisation latents of batch 0.
   config = run_config.load(wd)
   batch = next(iter(pipeline.make_dataset(
@@ -286,7 +286,7 @@ def test_without_a_first_stage_it_trains_one_then_reuses_it(tmp_path, env):
           == config.model.params.scale_factor)
   assert "trained earlier in this workdir" in r.stderr
   assert "first stage (VQ)" not in r.stderr
-  _, again, _ = checkpoints.load_model_dir(fs)
+  _, again, _ = store.load_model_dir(fs)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
   assert _steps(wd) == [2, 4]
@@ -300,11 +300,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, env):
   assert "non-finite loss or gradient by step" in r.stderr
   failed_at = int(r.stderr.split("non-finite loss or gradient by step ")[1].split(":")[0])
   assert _steps(wd)[-1] == failed_at - 1  # the bad update was never saved
-  from segldm_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from segldm_jax import run_config  # pylint: disable=g-import-not-at-top
+  from segldm_jax.checkpoint import store  # pylint: disable=g-import-not-at-top
+  from segldm_jax.config import run_config  # pylint: disable=g-import-not-at-top
   from segldm_jax.models import build  # pylint: disable=g-import-not-at-top
   ldm = build.build_model(run_config.load(wd).model)
-  params, _ = checkpoints.restore_params(wd, ldm, use_ema=False)
+  params, _ = store.restore_params(wd, ldm, use_ema=False)
   import jax  # pylint: disable=g-import-not-at-top
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 

@@ -28,11 +28,11 @@ import numpy as np
 import pytest
 import yaml
 
-from segldm_jax import checkpoints
 from segldm_jax import convert
-from segldm_jax import ldm_training
-from segldm_jax import saved_shapes
+from segldm_jax.checkpoint import saved_shapes
+from segldm_jax.checkpoint import store
 from segldm_jax.convert import torch_io
+from segldm_jax.training import ldm_step
 
 FIXTURES = pathlib.Path(os.environ.get(
     "SEGLDM_TRAJECTORY_FIXTURES",
@@ -64,13 +64,13 @@ def _torch_names(params, ema) -> tuple[dict, dict]:
 
 def _restore(mgr, step, optimizer, param_shapes):
   abstract = jax.eval_shape(
-      lambda p: ldm_training.init_state(p, optimizer), param_shapes)
+      lambda p: ldm_step.init_state(p, optimizer), param_shapes)
   here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = jax.tree.map(lambda _: here, abstract)
   # Placed like the restored arrays (as train.py does), so that the step
   # compiles once, not again when its outputs come back committed.
   init_opt = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
-  return checkpoints.restore_train_state(mgr, step, abstract, shardings,
+  return store.restore_train_state(mgr, step, abstract, shardings,
                                          init_opt)
 
 
@@ -87,7 +87,7 @@ def replay(request, tmp_path_factory):
   ldm = conv.model
   workdir = tmp_path_factory.mktemp(name)
   global_step = int(conv.meta.get("global_step", 0))
-  checkpoints.save_converted_workdir(
+  store.save_converted_workdir(
       workdir, {"model": conv.node}, global_step,
       {k: conv.params[k] for k in ("unet", "cond_stage")}, conv.ema, conv.meta)
 
@@ -95,10 +95,10 @@ def replay(request, tmp_path_factory):
   steps, batch_size = ref["x"].shape[:2]
   train_cfg = {"base_learning_rate": recipe["base_learning_rate"],
                "scale_lr": False, "batch_size": batch_size}
-  optimizer = ldm_training.make_optimizer(train_cfg)
+  optimizer = ldm_step.make_optimizer(train_cfg)
   param_shapes = saved_shapes.ldm_param_shapes(ldm)
-  with checkpoints.checkpoint_manager(workdir) as mgr:
-    resume_from = checkpoints.resume_step(mgr)  # train.py's choice
+  with store.checkpoint_manager(workdir) as mgr:
+    resume_from = store.resume_step(mgr)  # train.py's choice
     state = _restore(mgr, global_step, optimizer, param_shapes)
   restored_counter = int(state.ema_updates)
   restored_ema = jax.tree.map(np.asarray, state.ema)
@@ -106,7 +106,7 @@ def replay(request, tmp_path_factory):
   # Images go in as pixel values, the step's input (float: no rounding).
   # Labels smaller than the images stand for data.mask_size (none here).
   mask_stages = int(np.log2(ref["x"].shape[-1] // ref["mask_labels"].shape[-1]))
-  step_fn = jax.jit(ldm_training.make_train_step(ldm, optimizer, train_cfg,
+  step_fn = jax.jit(ldm_step.make_train_step(ldm, optimizer, train_cfg,
                                                  mask_stages))
   losses = []
   for k in range(steps):
@@ -118,8 +118,8 @@ def replay(request, tmp_path_factory):
     losses.append(float(metrics["loss"]))
 
   # Saved and resumed as train.py does between runs.
-  with checkpoints.checkpoint_manager(workdir) as mgr:
-    checkpoints.save_train_state(mgr, global_step + steps, state)
+  with store.checkpoint_manager(workdir) as mgr:
+    store.save_train_state(mgr, global_step + steps, state)
     mgr.wait_until_finished()
     resumed = _restore(mgr, global_step + steps, optimizer, param_shapes)
   return {"ref": ref, "initial": initial, "conv": conv, "losses": losses,
@@ -193,7 +193,7 @@ def test_optimizer_is_torch_adamw_with_its_defaults():
   (up to half a step), with atol a hundredth of lr (float32 round-off of
   weights ~5 is < 5e-7 a step)."""
   lr, wd, b1, b2, eps = 1e-3, 0.01, 0.9, 0.999, 1e-8
-  optimizer = ldm_training.make_optimizer(
+  optimizer = ldm_step.make_optimizer(
       {"base_learning_rate": lr, "scale_lr": False, "batch_size": 4})
   rs = np.random.RandomState(0)
   params = {"unet": {"w": rs.normal(0, 5, (64,)).astype(np.float32)},

@@ -6,9 +6,9 @@ import optax
 import pytest
 
 from configs import seg_f4
-from segldm_jax import vq_training as vqt
 from segldm_jax.data.synthetic import SyntheticSource
 from segldm_jax.models.build import build_model, init_params
+from segldm_jax.training import vq_trainer as vqt
 
 N_EMBED = 16
 BETA = 0.25  # VectorQuantizer's default

@@ -7,6 +7,9 @@
   mapping.py        the rename rule and transposes: state_dict <-> Flax trees
   export.py         workdirs / model directories -> model.ckpt, .safetensors,
                     config.yaml
+
+May import: the root, runtime, models, diffusion, data, checkpoint, config
+and inference; never training, eval or ui.
 """
 
 from segldm_jax.convert.mapping import (  # noqa: F401

@@ -22,15 +22,15 @@ from typing import Any, Mapping
 import numpy as np
 import yaml
 
-from segldm_jax import checkpoints
 from segldm_jax import errors
-from segldm_jax import first_stage
 from segldm_jax import formatting
-from segldm_jax import layout
-from segldm_jax import run_config
+from segldm_jax.checkpoint import store
+from segldm_jax.checkpoint import workdir_files
+from segldm_jax.config import run_config
 from segldm_jax.convert import mapping
 from segldm_jax.convert import torch_writer
 from segldm_jax.diffusion import schedule as schedule_lib
+from segldm_jax.inference import first_stage
 from segldm_jax.models import build
 
 CKPT_FILE = "model.ckpt"
@@ -157,11 +157,11 @@ def read_workdir(workdir: pathlib.Path, use_ema: bool = True):
   # The first stage's own model.yaml describes the weights exported.
   node["params"]["first_stage_config"] = found[2]
   ldm = build.build_model(node)
-  params, step = checkpoints.restore_params(workdir, ldm, use_ema=False)
+  params, step = store.restore_params(workdir, ldm, use_ema=False)
   notes = []
   ema = None
-  if checkpoints.has_ema(workdir, step):
-    ema = checkpoints.restore_params(workdir, ldm, step=step, use_ema=True)[0]
+  if store.has_ema(workdir, step):
+    ema = store.restore_params(workdir, ldm, step=step, use_ema=True)[0]
     ema = {"unet": ema["unet"]}
     if use_ema:
       params = {**params, "unet": ema["unet"]}
@@ -170,7 +170,7 @@ def read_workdir(workdir: pathlib.Path, use_ema: bool = True):
                                      "live; EMA in model_ema.*"))
   else:
     notes.append("UNet weights: live (the run has no EMA; use_ema: false)")
-  ema_meta = _ema_meta(config, checkpoints.restore_meta(workdir, step))
+  ema_meta = _ema_meta(config, store.restore_meta(workdir, step))
   sd = ldm_state_dict(ldm, {**params, "first_stage": found[1]}, ema, ema_meta)
   lr = config.get("train", {}).get("base_learning_rate")
   return sd, torch_node(node, use_ema=ema is not None,
@@ -179,7 +179,7 @@ def read_workdir(workdir: pathlib.Path, use_ema: bool = True):
 
 def read_model_dir(path: pathlib.Path):
   """-> (state_dict, torch node, kind) of a model directory."""
-  _, params, node = checkpoints.load_model_dir(path)
+  _, params, node = store.load_model_dir(path)
   kind = _KINDS.get(node.get("target"))
   if kind is None:
     raise errors.InputError(f"{path}: a {node.get('target')} model directory "
@@ -213,10 +213,10 @@ def export(source: str | pathlib.Path, out: str | pathlib.Path,
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise errors.InputError(f"--out {out} exists and is not an empty "
                             "directory; choose another")
-  if (source / layout.CONFIG_FILE).is_file():
+  if (source / workdir_files.CONFIG_FILE).is_file():
     sd, node, step, notes = read_workdir(source, use_ema)
     kind, ckpt = "ldm", {"state_dict": sd, "global_step": step}
-  elif (source / layout.MODEL_FILE).is_file():
+  elif (source / workdir_files.MODEL_FILE).is_file():
     (sd, node, kind), step, notes = read_model_dir(source), None, []
     ckpt = {"state_dict": sd}
   elif source.is_file():
@@ -225,9 +225,9 @@ def export(source: str | pathlib.Path, out: str | pathlib.Path,
         "model directory (convert_torch_ckpt.py converts a checkpoint in)")
   else:
     raise errors.CheckpointNotFoundError(
-        f"{source}: neither a workdir ({layout.CONFIG_FILE} + "
-        f"{layout.CHECKPOINTS_DIR}/) nor a model directory "
-        f"({layout.MODEL_FILE} + {layout.PARAMS_DIR}/)")
+        f"{source}: neither a workdir ({workdir_files.CONFIG_FILE} + "
+        f"{workdir_files.CHECKPOINTS_DIR}/) nor a model directory "
+        f"({workdir_files.MODEL_FILE} + {workdir_files.PARAMS_DIR}/)")
   try:
     out.mkdir(parents=True, exist_ok=True)
     _write(out, CKPT_FILE, lambda p: torch_writer.save(p, ckpt))

@@ -1,4 +1,8 @@
-"""Diffusion process: noise schedule, training objective and samplers."""
+"""Diffusion process: noise schedule, training objective and samplers.
+
+May import: the root and runtime; never data, training, inference,
+checkpoint or ui code.
+"""
 
 from segldm_jax.diffusion.objective import diffusion_loss, q_sample
 from segldm_jax.diffusion.samplers import (SAMPLERS, ddim_parameters,

@@ -11,4 +11,7 @@
                  train.eval_every)
   miou.py        confusion matrix / IoU / mIoU; the synthetic-scene segmenter
   seams.py       how visible tile seams are
+
+May import: every layer below it, training and ui excepted (evaluation
+runs on a loaded model; train.py calls it, never the reverse).
 """

@@ -17,13 +17,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from segldm_jax import palette as palette_lib
-from segldm_jax import run_config
-from segldm_jax import sampling
-from segldm_jax import trained_model
-from segldm_jax import viz
+from segldm_jax.config import run_config
 from segldm_jax.data import labels as labels_lib
+from segldm_jax.data import palette as palette_lib
 from segldm_jax.data import pipeline
+from segldm_jax.data import viz
 from segldm_jax.data.base import IGNORE_ID
 from segldm_jax.errors import ConfigError
 from segldm_jax.eval import inception
@@ -32,6 +30,8 @@ from segldm_jax.eval import miou
 from segldm_jax.eval import report
 from segldm_jax.eval import segmenter as seg_lib
 from segldm_jax.eval import weights
+from segldm_jax.inference import generation
+from segldm_jax.inference import trained_model
 
 _HELD_OUT_SEED = 1_000_003
 CACHE_DIR = "eval_cache"
@@ -93,8 +93,8 @@ def _validation_pairs(config, n: int, size: int):
 def _sample(ldm, params, fs_params, labels, key, batch_size, opts, desc,
             per_mask: int = 1) -> np.ndarray:
   """-> uint8 (N, per_mask, H, W, 3) samples of the label maps."""
-  return sampling.sample_in_batches(
-      functools.partial(sampling.generate, **opts), ldm, params, fs_params,
+  return generation.sample_in_batches(
+      functools.partial(generation.generate, **opts), ldm, params, fs_params,
       labels, per_mask, batch_size, key, desc=desc)
 
 

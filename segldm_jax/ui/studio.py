@@ -22,11 +22,11 @@ import numpy as np
 from PIL import Image
 
 from segldm_jax import errors
-from segldm_jax import palette as palette_lib
 from segldm_jax.data import folder
 from segldm_jax.data import masks as masks_lib
-from segldm_jax.data.base import IGNORE_ID
+from segldm_jax.data import palette as palette_lib
 from segldm_jax.data.base import DataError
+from segldm_jax.data.base import IGNORE_ID
 from segldm_jax.data.labels import LabelSpec
 from segldm_jax.diffusion import samplers
 

@@ -14,12 +14,12 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from segldm_jax import checkpoints
-from segldm_jax import editing
 from segldm_jax import errors
-from segldm_jax import first_stage
-from segldm_jax import run_config
-from segldm_jax import sampling
+from segldm_jax.checkpoint import store
+from segldm_jax.config import run_config
+from segldm_jax.inference import first_stage
+from segldm_jax.inference import generation
+from segldm_jax.inference import region_edit
 from segldm_jax.models import build
 from segldm_jax.models.ldm import LatentDiffusion
 
@@ -43,7 +43,7 @@ class TrainedModel:
   def sample_options(self, *, sampler: str | None = None,
                      steps: int | None = None, eta: float | None = None,
                      guidance_scale: float | None = None) -> dict[str, Any]:
-    """Keyword arguments of `sampling.generate`: the given values, else the
+    """Keyword arguments of `generation.generate`: the given values, else the
     run's `sample` config, else the reference's defaults (DDIM 50, eta 0)."""
     cfg = self.config.get("sample", {})
     pick = lambda given, key, default: (  # noqa: E731
@@ -72,9 +72,9 @@ class TrainedModel:
     labels = np.asarray(masks, np.uint8)
     labels = labels[None] if labels.ndim == 2 else labels
     self.check_size(labels)
-    run = functools.partial(sampling.generate,
+    run = functools.partial(generation.generate,
                             **self.sample_options(**options))
-    return sampling.sample_in_batches(
+    return generation.sample_in_batches(
         run, self.ldm, self.params, self.first_stage_params, labels,
         num_samples, batch_size, jax.random.key(seed), progress=progress)
 
@@ -86,7 +86,7 @@ class TrainedModel:
     photo exactly -> uint8 (num_samples, H, W, 3)."""
     labels, new_labels = (np.asarray(m, np.uint8) for m in (labels, new_labels))
     self.check_size(labels)
-    results, _, _ = editing.edit_samples(
+    results, _, _ = region_edit.edit_samples(
         self, np.asarray(photo, np.uint8), labels, new_labels,
         margin=margin or 2 * self.ldm.downsample_factor,
         num_samples=num_samples, options=self.sample_options(**options),
@@ -108,7 +108,7 @@ def load(workdir: str | pathlib.Path, use_ema: bool = True,
                    "image_size": (int(config.model.params.image_size)
                                   * ldm.downsample_factor)}
   geometry = run_config.geometry(config)
-  params, step = checkpoints.restore_params(workdir, ldm, use_ema=use_ema)
+  params, step = store.restore_params(workdir, ldm, use_ema=use_ema)
   found = first_stage.load_existing(config, workdir, conv=conv)
   if found is None:
     raise errors.CheckpointNotFoundError(

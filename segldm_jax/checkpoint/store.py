@@ -1,6 +1,6 @@
 """Saving and restoring model directories and train states with orbax.
 
-The layouts are described in `layout.py`.
+The layouts are described in `workdir_files.py`.
 """
 
 import json
@@ -17,17 +17,17 @@ import orbax.checkpoint as ocp
 import yaml
 
 from segldm_jax import formatting
-from segldm_jax import layout
-from segldm_jax import manifest
-from segldm_jax import parallel
-from segldm_jax import saved_shapes
+from segldm_jax.checkpoint import manifest
+from segldm_jax.checkpoint import saved_shapes
+from segldm_jax.checkpoint import workdir_files
+from segldm_jax.checkpoint.workdir_files import CHECKPOINTS_DIR, CONFIG_FILE, MANIFEST_FILE
+from segldm_jax.checkpoint.workdir_files import MANIFEST_ITEM, MODEL_FILE, PARAMS_DIR
 from segldm_jax.errors import CheckpointMismatchError
 from segldm_jax.errors import CheckpointNotFoundError
 from segldm_jax.errors import CorruptCheckpointError
 from segldm_jax.errors import SaveFailedError
-from segldm_jax.layout import CHECKPOINTS_DIR, CONFIG_FILE, MANIFEST_FILE
-from segldm_jax.layout import MANIFEST_ITEM, MODEL_FILE, PARAMS_DIR
 from segldm_jax.models import build
+from segldm_jax.runtime import distributed
 
 def save_model_dir(path: str | pathlib.Path, node: Mapping[str, Any],
                    params: Any, report: str | None = None) -> pathlib.Path:
@@ -421,13 +421,13 @@ def restore_latest_intact(mgr: ocp.CheckpointManager, abstract_state,
 def _set_aside(mgr: ocp.CheckpointManager, step: int) -> pathlib.Path:
   """Renames step `step` to STEP.corrupt (STEP.corrupt.N if taken)."""
   source = mgr.directory / str(step)
-  target = source.with_name(source.name + layout.CORRUPT_SUFFIX)
+  target = source.with_name(source.name + workdir_files.CORRUPT_SUFFIX)
   n = 1
   while target.exists():
-    target = source.with_name(f"{source.name}{layout.CORRUPT_SUFFIX}.{n}")
+    target = source.with_name(f"{source.name}{workdir_files.CORRUPT_SUFFIX}.{n}")
     n += 1
   if jax.process_index() == 0:
     source.rename(target)
-  parallel.barrier(f"segldm_set_aside_{step}")
+  distributed.barrier(f"segldm_set_aside_{step}")
   mgr.reload()
   return target

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
-from segldm_jax import palette as palette_lib
+from segldm_jax.data import palette as palette_lib
 
 
 def grid(rows: list[np.ndarray], pad: int = 2, fill: int = 255) -> np.ndarray:

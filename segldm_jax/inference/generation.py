@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from segldm_jax.data.device import images_to_model_range, model_range_to_images
+from segldm_jax.data.pixel_range import images_to_model_range, model_range_to_images
 from segldm_jax.diffusion import samplers
 from segldm_jax.models.ldm import LatentDiffusion
 

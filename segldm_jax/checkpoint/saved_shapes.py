@@ -13,7 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from segldm_jax import formatting
-from segldm_jax import layout
+from segldm_jax.checkpoint import workdir_files
 from segldm_jax.errors import CheckpointMismatchError
 from segldm_jax.models import build
 
@@ -104,8 +104,8 @@ def check_saved_params(workdir: str | pathlib.Path, step: int, shapes,
   `ldm_param_shapes`): the first one, both shapes and the config keys
   behind it. Reads metadata only."""
   workdir = pathlib.Path(workdir).absolute()
-  step_dir = workdir / layout.CHECKPOINTS_DIR / str(step)
-  label = f"{workdir}: {layout.CHECKPOINTS_DIR}/{step}"
+  step_dir = workdir / workdir_files.CHECKPOINTS_DIR / str(step)
+  label = f"{workdir}: {workdir_files.CHECKPOINTS_DIR}/{step}"
   check_saved_item(step_dir / "params", shapes, label)
   if use_ema and (step_dir / "ema_params").is_dir():
     check_saved_item(step_dir / "ema_params", {"unet": shapes["unet"]}, label)

@@ -18,11 +18,11 @@ from absl import flags
 import ml_collections as mlc
 from ml_collections import config_flags
 
-from segldm_jax import compilation_cache
 from segldm_jax import errors
 from segldm_jax import formatting
-from segldm_jax import parallel
-from segldm_jax import run_config
+from segldm_jax.config import run_config
+from segldm_jax.runtime import compilation_cache
+from segldm_jax.runtime import distributed
 
 _OVERRIDE = re.compile(r"--(?:no)?config\.([^=\s]+)")
 # Keys renamed since a release, so an old command line gets the new name.
@@ -129,7 +129,7 @@ def main_exits(main: Callable[..., int]) -> Callable[..., int]:
     except errors.UserError as e:
       line = error_line(e)
       print(line, file=sys.stderr)
-      parallel.end_after_error(line)  # multi-process: do not wait for peers
+      distributed.end_after_error(line)  # multi-process: do not wait for peers
       return 1
     compilation_cache.report()
     return status

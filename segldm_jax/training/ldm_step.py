@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from segldm_jax.data import device as data_device
+from segldm_jax.data import pixel_range as data_device
 from segldm_jax.data.base import IGNORE_ID
 from segldm_jax.diffusion import objective
 from segldm_jax.models import build

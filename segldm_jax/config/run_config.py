@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections as mlc
 
 from segldm_jax import formatting
-from segldm_jax import layout
+from segldm_jax.checkpoint import workdir_files
 from segldm_jax.errors import ConfigError
 
 _SOURCES = ("folder", "tfds", "synthetic")
@@ -187,12 +187,12 @@ def check_batch_fits_mesh(config: mlc.ConfigDict, batch_devices: int,
 def check_mesh(config: mlc.ConfigDict, processes: int) -> None:
   """The mesh fits the devices and the batch splits over it (at start-up,
   before any work that would be lost)."""
-  from segldm_jax import parallel  # pylint: disable=g-import-not-at-top
+  from segldm_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
   try:
-    mesh = parallel.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)
   except (TypeError, ValueError) as e:  # make_mesh names the fix
     raise ConfigError(f"{e} (--config.mesh)") from None
-  batch_devices = math.prod(mesh.shape[a] for a in parallel.batch_axes(mesh))
+  batch_devices = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
   check_batch_fits_mesh(config, batch_devices, processes)
 
 
@@ -260,7 +260,7 @@ def check_resume(config: mlc.ConfigDict, workdir: pathlib.Path,
   of the run that wrote it (its config.json); otherwise one line naming the
   first differing key, both values and the overrides that would work."""
   try:
-    saved = json.loads((workdir / layout.CONFIG_FILE).read_text())
+    saved = json.loads((workdir / workdir_files.CONFIG_FILE).read_text())
   except (OSError, ValueError):
     return  # Nothing to compare: the tensors are still checked on restore.
   diffs = resume_differences(config, saved)
@@ -276,19 +276,19 @@ def check_resume(config: mlc.ConfigDict, workdir: pathlib.Path,
                    for k, v in list(fix.items())[:6])
   more = f" (and {len(fix) - 6} more)" if len(fix) > 6 else ""
   raise ConfigError(
-      f"workdir {workdir} ({layout.CHECKPOINTS_DIR}/{step}) was trained "
+      f"workdir {workdir} ({workdir_files.CHECKPOINTS_DIR}/{step}) was trained "
       f"with {key}={old!r}; this config has {new!r}: pass {fixes}{more} or "
       "use a new --workdir")
 
 
 def save(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
-  path = pathlib.Path(workdir) / layout.CONFIG_FILE
+  path = pathlib.Path(workdir) / workdir_files.CONFIG_FILE
   path.write_text(config.to_json_best_effort(indent=2) + "\n")
   return path
 
 
 def load(workdir: str | pathlib.Path) -> mlc.ConfigDict:
-  path = pathlib.Path(workdir) / layout.CONFIG_FILE
+  path = pathlib.Path(workdir) / workdir_files.CONFIG_FILE
   if not path.is_file():
     raise ConfigError(f"{path} not found: is {workdir} a workdir made by "
                       "train.py or convert_torch_ckpt.py?")

@@ -10,11 +10,12 @@ import pathlib
 import jax
 import numpy as np
 
-from segldm_jax import palette
-from segldm_jax import parallel
-from segldm_jax import sampling
-from segldm_jax import viz
+from segldm_jax.data import palette
 from segldm_jax.data import pipeline
+from segldm_jax.data import viz
+from segldm_jax.inference import generation
+from segldm_jax.runtime import distributed
+from segldm_jax.runtime import sharding
 
 
 def preview_labels(source, config, image_size: int) -> np.ndarray:
@@ -39,12 +40,12 @@ class PreviewSampler:
                mesh, workdir: pathlib.Path, writer, mask_stages: int,
                key: jax.Array):
     self._generate = jax.jit(functools.partial(
-        sampling.generate, ldm, sampler=config.sample.sampler,
+        generation.generate, ldm, sampler=config.sample.sampler,
         steps=config.sample.steps, eta=config.sample.eta,
         mask_stages=mask_stages,
         guidance_scale=float(config.sample.get("guidance_scale", 1.0))))
     self._labels = labels
-    self._labels_dev = jax.device_put(labels, parallel.replicated(mesh))
+    self._labels_dev = jax.device_put(labels, sharding.replicated(mesh))
     self._fs_params = first_stage_params
     self._colours = palette.for_data(config.data)
     self._workdir, self._writer, self._key = workdir, writer, key
@@ -53,7 +54,7 @@ class PreviewSampler:
     params = {"unet": state.ema["unet"], "cond_stage": state.params["cond_stage"]}
     args = (params, self._fs_params, self._labels_dev, self._key)
     if not isinstance(self._generate, jax.stages.Compiled):
-      self._generate = parallel.compile_for_all(
+      self._generate = distributed.compile_for_all(
           self._generate, *args, name=f"sampler_compiled_{step}")
     images = np.asarray(self._generate(*args))
     if jax.process_index() == 0:

@@ -28,15 +28,16 @@ import numpy as np
 import optax
 import tqdm
 
-from segldm_jax import checkpoints
-from segldm_jax import parallel
-from segldm_jax import viz
+from segldm_jax.checkpoint import store
 from segldm_jax.data import check as data_check
 from segldm_jax.data import pipeline
-from segldm_jax.data.device import images_to_model_range
-from segldm_jax.data.device import model_range_to_images
+from segldm_jax.data import viz
+from segldm_jax.data.pixel_range import images_to_model_range
+from segldm_jax.data.pixel_range import model_range_to_images
 from segldm_jax.models.autoencoder import VQModel
 from segldm_jax.models.build import init_params
+from segldm_jax.runtime import distributed
+from segldm_jax.runtime import sharding
 
 Params = Any
 Metrics = dict[str, jax.Array]
@@ -310,10 +311,10 @@ def train_first_stage(module, config, mesh, source, out: pathlib.Path, node: dic
       module, optimizer, mse_weight=fs.mse_weight,
       quantize_warmup_steps=fs.quantize_warmup_steps)
   crop_rng = np.random.default_rng([config.seed, 1])
-  repl = parallel.replicated(mesh)
+  repl = sharding.replicated(mesh)
   state = jax.jit(lambda k: create_vq_train_state(module, optimizer, k),
                   out_shardings=repl)(jax.random.key(config.seed + 1))
-  step_fn = jax.jit(step_fn, in_shardings=(repl, parallel.batch_sharding(mesh)),
+  step_fn = jax.jit(step_fn, in_shardings=(repl, sharding.batch_sharding(mesh)),
                     out_shardings=(repl, repl), donate_argnums=(0,))
   data = iter(pipeline.make_dataset(
       source, image_size=config.data.image_size,
@@ -328,9 +329,9 @@ def train_first_stage(module, config, mesh, source, out: pathlib.Path, node: dic
     if fs.train_crop:  # one window per step, the same in every process
       y, x = crop_rng.integers(0, np.array(local.shape[1:3]) - fs.train_crop + 1)
       local = local[:, y:y + fs.train_crop, x:x + fs.train_crop]
-    images = parallel.global_batch({"image": local}, mesh)["image"]
+    images = sharding.global_batch({"image": local}, mesh)["image"]
     if i == 0:
-      step_fn = parallel.compile_for_all(step_fn, state, images,
+      step_fn = distributed.compile_for_all(step_fn, state, images,
                                          name="vq_step_compiled")
     state, m = step_fn(state, images)
     if i % 25 == 0 or i == fs.train_steps - 1:
@@ -338,7 +339,7 @@ def train_first_stage(module, config, mesh, source, out: pathlib.Path, node: dic
       bar.set_postfix(l1=f"{float(m['rec_l1']):.4f}",
                       psnr=f"{float(m['psnr']):.1f}")
   params = jax.device_get(state.params)
-  checkpoints.save_model_dir(out, node, params)
+  store.save_model_dir(out, node, params)
   if jax.process_index() == 0:
     images = next(data)["image"][:8]
     rec, _, _ = module.apply({"params": params}, images_to_model_range(images))

@@ -17,16 +17,16 @@ import ml_collections as mlc
 import optax
 import orbax.checkpoint as ocp
 
-from segldm_jax import checkpoints
-from segldm_jax import compilation_cache
 from segldm_jax import errors
-from segldm_jax import first_stage
-from segldm_jax import layout
-from segldm_jax import ldm_training
-from segldm_jax import parallel
-from segldm_jax import run_config
-from segldm_jax import saved_shapes
+from segldm_jax.checkpoint import saved_shapes
+from segldm_jax.checkpoint import store
+from segldm_jax.checkpoint import workdir_files
+from segldm_jax.config import run_config
+from segldm_jax.inference import first_stage
 from segldm_jax.models import build
+from segldm_jax.runtime import compilation_cache
+from segldm_jax.runtime import peers
+from segldm_jax.training import ldm_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +37,14 @@ class Start:
   step: int                 # the step the run continues from (0 when new)
   resuming: bool            # a checkpoint exists (a converted one may be 0)
   optimizer: optax.GradientTransformation
-  abstract_state: ldm_training.TrainState  # ShapeDtypeStructs, no weights
-  lock: layout.WorkdirLock | None  # held by process 0 for the run's life
+  abstract_state: ldm_step.TrainState  # ShapeDtypeStructs, no weights
+  lock: workdir_files.WorkdirLock | None  # held by process 0 for the run's life
 
 
 def _resume_hint(error: errors.CheckpointMismatchError,
                  workdir: pathlib.Path) -> errors.CheckpointMismatchError:
   return errors.CheckpointMismatchError(
-      f"{error}; resume with the settings in {workdir / layout.CONFIG_FILE} "
+      f"{error}; resume with the settings in {workdir / workdir_files.CONFIG_FILE} "
       "or use a new --workdir")
 
 
@@ -56,8 +56,8 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
   """
   compilation_cache.setup(config.get("compilation_cache_dir"))
   # A lost peer ends this process in one line naming it and how to resume.
-  parallel.watch_peers(config.parallel.heartbeat_timeout_s,
-                       workdir / layout.CHECKPOINTS_DIR)
+  peers.watch_peers(config.parallel.heartbeat_timeout_s,
+                       workdir / workdir_files.CHECKPOINTS_DIR)
   logging.info("workdir %s; %d process(es), %d device(s): %s", workdir,
                jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
@@ -68,18 +68,18 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
         "train.eval_every runs on one process; set --config.train.eval_every=0 "
         "and score checkpoints with evaluate.py --workdir")
   first_stage.check(config, workdir)
-  layout.ensure_writable(workdir)
-  lock = (layout.WorkdirLock.acquire(workdir) if jax.process_index() == 0
+  workdir_files.ensure_writable(workdir)
+  lock = (workdir_files.WorkdirLock.acquire(workdir) if jax.process_index() == 0
           else None)
-  manager = checkpoints.train_checkpoint_manager(workdir, config.train)
-  resume_from = checkpoints.resume_step(manager)  # None: a new run
+  manager = store.train_checkpoint_manager(workdir, config.train)
+  resume_from = store.resume_step(manager)  # None: a new run
   step = resume_from or 0
   # Shapes only: what saved tensors and free space are checked against, and
   # what train.py derives the state's shardings from.
-  optimizer = ldm_training.make_optimizer(config.train)
+  optimizer = ldm_step.make_optimizer(config.train)
   param_shapes = saved_shapes.ldm_param_shapes(build.build_model(config.model))
   abstract_state = jax.eval_shape(
-      lambda p: ldm_training.init_state(p, optimizer), param_shapes)
+      lambda p: ldm_step.init_state(p, optimizer), param_shapes)
   if resume_from is not None:
     run_config.check_resume(config, workdir, step)
     try:
@@ -88,8 +88,8 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
       raise _resume_hint(e, workdir) from None
   # Fails now, not at a save hours later; a save that fails anyway (a disk
   # filled meanwhile) ends the run in one line too (see checkpoints).
-  layout.check_free_space(
-      workdir, layout.tree_nbytes(abstract_state),
+  workdir_files.check_free_space(
+      workdir, workdir_files.tree_nbytes(abstract_state),
       keep=config.train.keep_checkpoints, existing=len(manager.all_steps()))
   return Start(geometry=geometry, manager=manager, step=step,
                resuming=resume_from is not None,
@@ -106,12 +106,12 @@ def initial_state(start: Start, config: mlc.ConfigDict, workdir: pathlib.Path,
   Runs before the data stream is built, which starts at the step restored.
   """
   if not start.resuming:
-    init = ldm_training.fresh_state_fn(build.build_model(config.model),
+    init = ldm_step.fresh_state_fn(build.build_model(config.model),
                                        start.optimizer)
     key = jax.random.fold_in(jax.random.key(config.seed), -1 % 2**31)
     return jax.jit(init, out_shardings=shardings)(key), start
   try:
-    state, step = checkpoints.restore_latest_intact(
+    state, step = store.restore_latest_intact(
         start.manager, start.abstract_state, shardings,
         jax.jit(start.optimizer.init, out_shardings=shardings.opt_state))
   except errors.CheckpointMismatchError as e:  # e.g. the optimiser's layout

@@ -3,7 +3,7 @@ paste of the result back into the photo.
 
 An edit changes some pixels of a label map. Those pixels, grown by `margin`,
 are the region; every latent cell the region touches is regenerated
-(`sampling.edit`), everything else keeps the photo's latents. The decoded
+(`generation.edit`), everything else keeps the photo's latents. The decoded
 result is then pasted into the original photo with a weight that ramps from
 0 at the region's border to 1 at `margin` pixels inside it, so the changed
 pixels come wholly from the model, the pixels outside the region are the
@@ -18,9 +18,9 @@ import numpy as np
 import tqdm
 
 from segldm_jax import errors
-from segldm_jax import palette as palette_lib
-from segldm_jax import sampling
-from segldm_jax import viz
+from segldm_jax.data import palette as palette_lib
+from segldm_jax.data import viz
+from segldm_jax.inference import generation
 
 
 def _max_filter(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -106,7 +106,7 @@ def edit_samples(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray,
 
   Args:
     model: a `trained_model.TrainedModel`.
-    options: `sampling.edit`'s keyword arguments (sampler, steps, ...).
+    options: `generation.edit`'s keyword arguments (sampler, steps, ...).
     names: how messages call `old` and `new` (e.g. their files).
     progress: told (done, total) after each sample.
 
@@ -120,7 +120,7 @@ def edit_samples(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray,
                             "nothing to edit")
   results = []
   for b in tqdm.trange(num_samples, desc="edit"):
-    gen = np.asarray(sampling.edit(
+    gen = np.asarray(generation.edit(
         model.ldm, model.params, model.first_stage_params, photo[None],
         new[None], keep, jax.random.fold_in(key, b), **options))
     results.append(composite(photo[None], gen, weight)[0])
