@@ -185,7 +185,7 @@ def test_preemption_and_a_lost_process(runs, tmp_path):
   # The first stage `runs` saved (seed 0's random weights, what this run
   # would make): two processes that both write it race, and process 1 can
   # find process 0's model.yaml before its params/ and stop (a library race,
-  # segldm_jax/first_stage.py `prepare`, seen once here).
+  # segldm_jax/training/first_stage_setup.py `prepare`, seen once here).
   shutil.copytree(runs / "multi" / workdir_files.FIRST_STAGE_DIR,
                   workdir / workdir_files.FIRST_STAGE_DIR)
 
