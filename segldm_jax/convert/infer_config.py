@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import yaml
 
+from segldm_jax import errors
 from segldm_jax import formatting
 from segldm_jax.diffusion import schedule as schedule_lib
 from segldm_jax.models import build
@@ -41,7 +42,7 @@ _LOSS_TYPE = "l1"
 _COSINE_S = 8e-3
 
 
-class InferenceError(ValueError):
+class InferenceError(errors.UserError, ValueError):
   """The tensors do not describe a model this port can build."""
 
 

@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from segldm_jax import errors
 from segldm_jax import formatting
 
 try:  # ISA-L's CRC-32 is 4-5x zlib's (the same checksum).
@@ -119,7 +120,7 @@ _MAX_NDIM = 64
 _CRC_CHUNK = 8 << 20  # Bytes checksummed at a time, then let go of.
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint cannot be read; the message is one line naming the file."""
 
 
