@@ -41,7 +41,9 @@ import numpy as np
 from segldm_jax import errors
 from segldm_jax import formatting
 
-try:  # ISA-L's CRC-32 is 4-5x zlib's (the same checksum).
+# ISA-L's CRC-32: the same checksum, several times zlib's speed (BENCHMARKS.md,
+# "CRC-32 of torch zips").
+try:
   from isal.isal_zlib import crc32 as _crc32  # pylint: disable=g-import-not-at-top
 except ImportError:  # pragma: no cover
   _crc32 = zlib.crc32

@@ -6,12 +6,13 @@ The file `assets/deeplabv3_mobilenetv2_ade20k.tflite` ships with the project
   litert  (default) the LiteRT runtime (`ai-edge-litert`, one thread), which
           produced the reference labels: its XNNPACK hybrid kernels quantise
           activations on the fly, and only the runtime itself reproduces
-          that arithmetic. Exact: every pixel of the reference fixture, at
-          ~0.3 s per 513x513 image on one CPU core (batch 1 per invoke).
+          that arithmetic. Exact: every pixel of the reference fixture, on
+          one CPU core (batch 1 per invoke).
   jax     `tflite_graph` replays the graph with jax.lax, jitted, so it runs
           on the accelerator beside the sampler. It emulates the hybrid
           kernels' quantisation but not their exact rounding: 99.6% of the
-          reference's pixels (BENCHMARKS.md), ~10x slower than LiteRT on CPU.
+          reference's pixels, and slower than LiteRT on CPU (both in
+          BENCHMARKS.md).
 
 Protocol (the reference's): the image resized to 513x513 with PIL bilinear,
 x / 127.5 - 1, argmax of the 151 logits (0 = "other", k = ADE20K class k,

@@ -63,7 +63,8 @@ def _after_its_gradient(block: nn.Module, *args, static=()) -> jax.Array:
   That 1 is exact while the gradient is finite (a non-finite one makes the
   block's bias gradients, and so the step, non-finite either way), so the
   values are the same and only the schedule changes. (A conditional, the
-  other way to wait on an operand, ran the CPU step 8x slower.)
+  other way to wait on an operand, ran the CPU step several times slower:
+  BENCHMARKS.md.)
   """
   def call(mdl, *xs):
     return mdl(*xs, *static)
