@@ -32,6 +32,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from segldm_jax.data import masks as masks_lib
 from segldm_jax.errors import ConfigError
 from segldm_jax.errors import InputError
 from segldm_jax.errors import MissingPackageError
@@ -86,7 +87,8 @@ class ADE20KSegmenter:
             Image.fromarray(im).resize((INPUT_SIZE, INPUT_SIZE),
                                        Image.BILINEAR))
         for im in images])
-    return resize_labels(self.labels_513(resized), h, w)
+    return np.stack([masks_lib.resize_labels(labels, h, w)
+                     for labels in self.labels_513(resized)])
 
 
 class LiteRTSegmenter(ADE20KSegmenter):
@@ -154,15 +156,6 @@ class JaxSegmenter(ADE20KSegmenter):
       out.append(np.asarray(self._labels(
           self.constants, images_513[start:start + self.batch_size])))
     return np.concatenate(out)
-
-
-def resize_labels(labels: np.ndarray, h: int, w: int) -> np.ndarray:
-  """uint8 (N, H', W') -> (N, h, w), nearest neighbour (PIL)."""
-  if labels.shape[1:] == (h, w):
-    return labels
-  return np.stack([
-      np.asarray(Image.fromarray(lab).resize((w, h), Image.NEAREST))
-      for lab in labels])
 
 
 def check_backend(backend: str) -> str:
