@@ -112,14 +112,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _tag(opts: dict, shape: tuple[int, int], train_size: int,
-         large: str) -> str:
+         large_method: str) -> str:
   """Names the output folder after how the samples were made."""
   tag = f"{opts['sampler']}{opts['steps']}"
   if opts["guidance_scale"] != 1.0:
     tag += f"_cfg{opts['guidance_scale']:g}"
   if shape != (train_size, train_size):
     tag += (f"_{shape[0]}px" if shape[0] == shape[1]
-            else f"_{shape[0]}x{shape[1]}px") + f"_{large}"
+            else f"_{shape[0]}x{shape[1]}px") + f"_{large_method}"
   return tag
 
 
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
   model = trained_model.load(args.workdir, use_ema=args.ema,
                             conv=xla_cpu.preferred_conv())
   compilation_cache.setup(model.config.get("compilation_cache_dir"))
-  g = model.geometry
+  geometry = model.geometry
   opts = model.sample_options(sampler=args.sampler, steps=args.steps,
                               eta=args.eta, guidance_scale=args.guidance_scale)
   summary = {"workdir": str(model.workdir), "step": model.step,
@@ -163,8 +163,8 @@ def main(argv=None) -> int:
   if args.masks is not None:
     names, labels = _read_masks(args.masks, args, model)
   elif model.has_dataset:
-    size = masks_lib.target_size((g.image, g.image), g.step_px,
-                                 size=args.size)[0]
+    size = masks_lib.target_size((geometry.image, geometry.image),
+                                 geometry.step_px, size=args.size)[0]
     names, labels, source = masks_lib.dataset_masks(
         model.config.data, size, args.num_masks or int(
             model.config.get("sample", {}).get("num_masks", 8)),
@@ -173,15 +173,16 @@ def main(argv=None) -> int:
     raise errors.InputError(f"{model.workdir} has no dataset in its config "
                             "(a converted checkpoint?); pass --masks PATH")
   shape = labels.shape[1:]
-  large = "tiles" if max(shape) > g.image and args.large == "tiles" else "direct"
-  tag = _tag(opts, shape, g.image, large)
+  large_method = ("tiles" if max(shape) > geometry.image
+                  and args.large == "tiles" else "direct")
+  tag = _tag(opts, shape, geometry.image, large_method)
 
   if args.edit_image is not None:  # one photo: regenerate a region
     _, new = _read_masks(args.edit_labels, args, model)
     if len(labels) != 1 or len(new) != 1 or new.shape != labels.shape:
       raise errors.InputError("an edit takes one --masks file and one "
                               "--edit_labels file of the same size")
-    summary.update(edit_image=str(args.edit_image), **region_edit.run_edit(
+    summary.update(edit_image=str(args.edit_image), **region_edit.regenerate_and_save(
         model, masks_lib.read_photo(args.edit_image, shape), labels[0],
         new[0], margin=args.edit_margin or 2 * model.ldm.downsample_factor,
         num_samples=args.num_samples, options=opts, key=key,
@@ -190,20 +191,20 @@ def main(argv=None) -> int:
                                           str(args.edit_labels))))
     return _finish(summary, pathlib.Path(summary["out"]))
 
-  if large == "tiles":
-    tile = g.image // g.factor  # the training latent
+  if large_method == "tiles":
+    tile = geometry.image // geometry.factor  # the training latent
     overlap = tile // 4 if args.tile_overlap is None else args.tile_overlap
-    run = functools.partial(generation.generate_tiled, tile=tile,
-                            overlap=overlap, **opts)
+    generate_fn = functools.partial(generation.generate_tiled, tile=tile,
+                                    overlap=overlap, **opts)
     summary.update(size=list(shape), large="tiles", tile=tile,
                    tile_overlap=overlap)
   else:
-    run = functools.partial(generation.generate, **opts)
-    if shape != (g.image, g.image):
+    generate_fn = functools.partial(generation.generate, **opts)
+    if shape != (geometry.image, geometry.image):
       summary.update(size=list(shape), large="direct")
   out = args.out or model.workdir / f"samples_step{model.step}_{tag}"
   images = generation.sample_in_batches(
-      run, model.ldm, model.params, model.first_stage_params, labels,
+      generate_fn, model.ldm, model.params, model.first_stage_params, labels,
       args.num_samples, args.batch_size, key, desc=tag)
   out.mkdir(parents=True, exist_ok=True)
   for name, per_mask in zip(names, images):

@@ -138,7 +138,7 @@ def _edit(ldm, params, fs, config, size, k, colours, opts, args):
     new[i, size // 4:size // 2 + 4, size // 4:size // 2 + 8] = cls
   keep, weight = region_edit.edit_masks(old, new, ldm.downsample_factor,
                                     2 * ldm.downsample_factor)
-  gen = np.concatenate([np.asarray(generation.edit(
+  gen = np.concatenate([np.asarray(generation.regenerate_region(
       ldm, params, fs, photos[i:i + 1], new[i:i + 1], keep[i:i + 1],
       jax.random.key(i), **opts, guidance_scale=2.0)) for i in range(len(new))])
   edited = region_edit.composite(photos, gen, weight)

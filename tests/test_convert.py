@@ -21,8 +21,10 @@ import yaml
 
 import torch_files
 from segldm_jax import convert
+from segldm_jax import errors
 from segldm_jax.checkpoint import store
 from segldm_jax.checkpoint import workdir_files
+from segldm_jax.convert import infer_config
 from segldm_jax.convert import torch_io
 from segldm_jax.models import build
 
@@ -239,6 +241,15 @@ def test_error_names_the_tensor(what, tmp_path, capsys):
   assert len(stderr.strip().splitlines()) == 1, stderr
   assert "wrote" not in stdout
   assert not out.exists()
+
+
+def test_converter_errors_are_user_errors():
+  # One family: the scripts' main_exits prints them in one line; callers
+  # that caught ValueError still do.
+  for error in (torch_io.CheckpointError, convert.ConversionError,
+                infer_config.InferenceError):
+    assert issubclass(error, errors.UserError), error
+    assert issubclass(error, ValueError), error
 
 
 def test_config_that_does_not_match_names_first_mismatch(tmp_path, capsys):

@@ -137,8 +137,8 @@ def test_region_edit_keeps_the_photo_outside_and_regenerates_inside():
   new[:, 8:16, 8:24] = (old[:, 8:16, 8:24] + 1) % 5
   keep, weight = region_edit.edit_masks(old, new, ldm.downsample_factor, 4)
   key = jax.random.key(0)
-  gen = np.asarray(generation.edit(ldm, params, fs, photo, new, keep, key,
-                                 **STEPS))
+  gen = np.asarray(generation.regenerate_region(ldm, params, fs, photo, new,
+                                                keep, key, **STEPS))
   out = region_edit.composite(photo, gen, weight)
   outside = weight == 0
   assert outside.mean() > 0.4
@@ -149,8 +149,8 @@ def test_region_edit_keeps_the_photo_outside_and_regenerates_inside():
 
   # The latent side alone: kept cells are the photo's latents exactly, so
   # with nothing to regenerate the result is the VQ reconstruction.
-  recon = np.asarray(generation.edit(ldm, params, fs, photo, new,
-                                   np.ones_like(keep), key, **STEPS))
+  recon = np.asarray(generation.regenerate_region(
+      ldm, params, fs, photo, new, np.ones_like(keep), key, **STEPS))
   z0 = ldm.encode(fs, (photo.astype(np.float32) - 127.5) / 127.5)
   ref = np.clip(np.round((np.asarray(ldm.decode(fs, z0)) + 1) * 127.5), 0, 255)
   np.testing.assert_allclose(recon, ref, atol=1)

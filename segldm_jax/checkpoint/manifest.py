@@ -61,7 +61,7 @@ def _jax_hash(x: jax.Array) -> jax.Array:
 
 # One program per shape, dtype and sharding (a train state has a few dozen
 # of each), not one for the whole tree: XLA compiles hundreds of reductions
-# in one program slowly (14 s for the tiny recipe's 596 arrays on CPU).
+# in one program slowly (BENCHMARKS.md, "content manifests").
 _jax_hash_jit = jax.jit(_jax_hash)
 
 

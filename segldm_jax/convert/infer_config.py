@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import yaml
 
+from segldm_jax import errors
 from segldm_jax import formatting
 from segldm_jax.diffusion import schedule as schedule_lib
 from segldm_jax.models import build
@@ -41,7 +42,7 @@ _LOSS_TYPE = "l1"
 _COSINE_S = 8e-3
 
 
-class InferenceError(ValueError):
+class InferenceError(errors.UserError, ValueError):
   """The tensors do not describe a model this port can build."""
 
 
@@ -142,10 +143,10 @@ def _multiple(width: int, base: int, what: str) -> int:
   return width // base
 
 
-def _infer_vq(s: _Shapes, resolution: int, notes: _Notes, where: str) -> Node:
-  """taming Encoder/Decoder + VectorQuantizer2 keys -> VQModelInterface node."""
-  at = s.prefix.rstrip(".") or "VQ"
-  ch, in_channels = s.shape("encoder.conv_in.weight")[:2]
+def _vq_levels(s: _Shapes, ch: int, at: str
+               ) -> tuple[list[int], list[bool], int]:
+  """(ch_mult, attention per level, num_res_blocks) of a taming VQ, checked
+  level by level for an encoder and a decoder that mirror each other."""
   levels = s.count("encoder.down.")
   if not levels or s.count("decoder.up.") != levels:
     raise InferenceError(f"{at}: the encoder has {levels} levels but the "
@@ -184,13 +185,12 @@ def _infer_vq(s: _Shapes, resolution: int, notes: _Notes, where: str) -> Node:
         "always places them alike")
   for part in ("encoder", "decoder"):
     s.shape(f"{part}.mid.attn_1.q.weight")  # always there, even with attn []
+  return ch_mult, dec_attn, num_res_blocks
 
-  factor = 2 ** (levels - 1)
-  if resolution % factor:
-    raise InferenceError(f"resolution {resolution} is not a multiple of the "
-                         f"VQ's downsampling factor {factor}")
-  # Level i works at resolution / 2**i; the config names attention by that.
-  attn_resolutions = [resolution // 2 ** i for i in range(levels) if dec_attn[i]]
+
+def _vq_bottleneck(s: _Shapes) -> tuple[int, int, int]:
+  """(z_channels, n_embed, embed_dim), checked against the convolutions
+  into and out of the codebook."""
   z_channels = s.shape("decoder.conv_in.weight")[1]
   n_embed, embed_dim = s.shape("quantize.embedding.weight")
   for key, dims in (("encoder.conv_out.weight", (z_channels,)),
@@ -200,6 +200,22 @@ def _infer_vq(s: _Shapes, resolution: int, notes: _Notes, where: str) -> Node:
       raise InferenceError(f"{s.prefix}{key} has shape {s.shape(key)}; with "
                            f"z_channels {z_channels} and embed_dim {embed_dim} "
                            f"(double_z false) it must start with {dims}")
+  return z_channels, n_embed, embed_dim
+
+
+def _infer_vq(s: _Shapes, resolution: int, notes: _Notes, where: str) -> Node:
+  """taming Encoder/Decoder + VectorQuantizer2 keys -> VQModelInterface node."""
+  ch, in_channels = s.shape("encoder.conv_in.weight")[:2]
+  ch_mult, attn, num_res_blocks = _vq_levels(s, ch,
+                                             s.prefix.rstrip(".") or "VQ")
+  levels = len(ch_mult)
+  factor = 2 ** (levels - 1)
+  if resolution % factor:
+    raise InferenceError(f"resolution {resolution} is not a multiple of the "
+                         f"VQ's downsampling factor {factor}")
+  # Level i works at resolution / 2**i; the config names attention by that.
+  attn_resolutions = [resolution // 2 ** i for i in range(levels) if attn[i]]
+  z_channels, n_embed, embed_dim = _vq_bottleneck(s)
 
   dd = where + "ddconfig."
   notes.add(dd + "resolution", resolution,
@@ -262,16 +278,17 @@ def _heads(widths: Sequence[int], num_heads: int | None,
   return num_heads, num_head_channels
 
 
-def _infer_unet(s: _Shapes, image_size: int, num_heads: int | None,
-                num_head_channels: int | None, notes: _Notes,
-                where: str) -> Node:
-  """openaimodel UNetModel keys -> UNetModel node."""
-  at = s.prefix.rstrip(".") or "UNet"
-  mc, in_channels = s.shape("input_blocks.0.0.weight")[:2]
-  if s.shape("time_embed.0.weight") != (4 * mc, mc):
-    raise InferenceError(f"{s.prefix}time_embed.0.weight has shape "
-                         f"{s.shape('time_embed.0.weight')}, expected "
-                         f"{(4 * mc, mc)} for model_channels {mc}")
+def _output_upsampler(s: _Shapes, k: int) -> str:
+  """The resampling kind among output block k's children after its res
+  block ("none" when it has no upsampler, or a parameter-free one)."""
+  kinds = [_resample_kind(s, f"output_blocks.{k}.{j}.")
+           for j in s.indices(f"output_blocks.{k}.") if j >= 1]
+  return next((x for x in kinds if x != "none"), "none")
+
+
+def _unet_layout(s: _Shapes, at: str) -> tuple[int, int, str | None]:
+  """(levels, num_res_blocks, resampling kind: "conv", "resblock", "none",
+  or None with one level) of an openaimodel UNet's block lists."""
   n_out = s.count("output_blocks.")
   n_in = max(s.indices("input_blocks.")) + 1
 
@@ -279,12 +296,7 @@ def _infer_unet(s: _Shapes, image_size: int, num_heads: int | None,
   # block; the first one ends the lowest level, which has num_res_blocks + 1
   # blocks. Without resampling parameters the input side's gaps (parameter-free
   # avg-pool downsamplers) mark the levels instead.
-  def out_up(k: int) -> str:
-    kinds = [_resample_kind(s, f"output_blocks.{k}.{j}.")
-             for j in s.indices(f"output_blocks.{k}.") if j >= 1]
-    return next((x for x in kinds if x != "none"), "none")
-
-  ups = [k for k in range(n_out) if out_up(k) != "none"]
+  ups = [k for k in range(n_out) if _output_upsampler(s, k) != "none"]
   if ups:
     num_res_blocks = ups[0]
   else:
@@ -300,11 +312,19 @@ def _infer_unet(s: _Shapes, image_size: int, num_heads: int | None,
   # (resblock_updown) or parameter-free.
   slots = {_resample_kind(s, f"input_blocks.{(lv + 1) * per_level}.0.")
            for lv in range(levels - 1)}
-  slots |= {out_up(lv * per_level + num_res_blocks) for lv in range(levels - 1)}
+  slots |= {_output_upsampler(s, lv * per_level + num_res_blocks)
+            for lv in range(levels - 1)}
   if len(slots) > 1:
     raise InferenceError(f"{at}: mixed resampling blocks {sorted(slots)}")
-  resample = slots.pop() if slots else None
+  return levels, num_res_blocks, slots.pop() if slots else None
 
+
+def _unet_widths(s: _Shapes, at: str, mc: int, levels: int,
+                 num_res_blocks: int) -> tuple[list[int], list[bool], bool]:
+  """(channel_mult, attention per level, use_scale_shift_norm), checked
+  block by block: a level's res blocks share a width and attention, the
+  middle block is the last level's width, scale-shift norm is all or none."""
+  per_level = num_res_blocks + 1
   scale_shift: set[bool] = set()
 
   def res_width(block: str) -> int:
@@ -338,6 +358,23 @@ def _infer_unet(s: _Shapes, image_size: int, num_heads: int | None,
     raise InferenceError(f"{at}: some res blocks use scale-shift norm, "
                          "others not")
   s.shape("middle_block.1.qkv.weight")  # the middle attention always exists
+  return channel_mult, attn, scale_shift.pop()
+
+
+def _infer_unet(s: _Shapes, image_size: int, num_heads: int | None,
+                num_head_channels: int | None, notes: _Notes,
+                where: str) -> Node:
+  """openaimodel UNetModel keys -> UNetModel node."""
+  at = s.prefix.rstrip(".") or "UNet"
+  mc, in_channels = s.shape("input_blocks.0.0.weight")[:2]
+  if s.shape("time_embed.0.weight") != (4 * mc, mc):
+    raise InferenceError(f"{s.prefix}time_embed.0.weight has shape "
+                         f"{s.shape('time_embed.0.weight')}, expected "
+                         f"{(4 * mc, mc)} for model_channels {mc}")
+  levels, num_res_blocks, resample = _unet_layout(s, at)
+  channel_mult, attn, scale_shift = _unet_widths(s, at, mc, levels,
+                                                 num_res_blocks)
+  mid = mc * channel_mult[-1]
 
   # attention_resolutions are downsampling rates ds = 2**level; entries that
   # match no level (e.g. 32, 16, 8 with three levels) leave no trace.
@@ -366,7 +403,7 @@ def _infer_unet(s: _Shapes, image_size: int, num_heads: int | None,
           "channel_mult": channel_mult,
           "num_heads": heads,
           "num_head_channels": head_channels,
-          "use_scale_shift_norm": scale_shift.pop(),
+          "use_scale_shift_norm": scale_shift,
           "resblock_updown": resample == "resblock",
           "conv_resample": resample != "none",
           "use_new_attention_order": False,

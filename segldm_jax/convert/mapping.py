@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from segldm_jax import errors
 from segldm_jax.convert import infer_config
 from segldm_jax.convert import safetensors_io
 from segldm_jax.convert import torch_io
@@ -43,7 +44,7 @@ LDM_PREFIXES = {"unet": "model.diffusion_model.", "cond_stage": "cond_stage_mode
 EMA_PREFIX = "model_ema."
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
   """A tensor is missing, unexpected or has the wrong shape."""
 
 

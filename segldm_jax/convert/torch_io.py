@@ -38,9 +38,12 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from segldm_jax import errors
 from segldm_jax import formatting
 
-try:  # ISA-L's CRC-32 is 4-5x zlib's (the same checksum).
+# ISA-L's CRC-32: the same checksum, several times zlib's speed (BENCHMARKS.md,
+# "CRC-32 of torch zips").
+try:
   from isal.isal_zlib import crc32 as _crc32  # pylint: disable=g-import-not-at-top
 except ImportError:  # pragma: no cover
   _crc32 = zlib.crc32
@@ -119,7 +122,7 @@ _MAX_NDIM = 64
 _CRC_CHUNK = 8 << 20  # Bytes checksummed at a time, then let go of.
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint cannot be read; the message is one line naming the file."""
 
 

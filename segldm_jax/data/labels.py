@@ -188,15 +188,21 @@ def _flat(rgb: np.ndarray) -> np.ndarray:
   return diff <= FLAT_RGB
 
 
-def _nearest(codes: np.ndarray, palette_codes: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray]:
-  """-> (index of the nearest palette colour, its RGB distance) per code."""
-  def rgb(c):
-    return np.stack([(c >> s) & 255 for s in (16, 8, 0)], -1).astype(np.float32)
-  a, b = rgb(codes), rgb(palette_codes)
-  d2 = ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None])
+def nearest_colour(pixels: np.ndarray, colours: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """float32 RGB rows (P, 3) and (K, 3) -> per pixel, the index of the
+  nearest colour (Euclidean; the first on ties) and its squared distance
+  (a little below 0 where rounding makes it so)."""
+  d2 = ((pixels * pixels).sum(1)[:, None] - 2 * pixels @ colours.T
+        + (colours * colours).sum(1)[None])
   near = d2.argmin(1)
-  return near, np.sqrt(np.maximum(d2[np.arange(len(codes)), near], 0))
+  return near, d2[np.arange(len(pixels)), near]
+
+
+def _code_rgb(codes: np.ndarray) -> np.ndarray:
+  """Packed 0xRRGGBB codes -> float32 RGB rows."""
+  return np.stack([(codes >> s) & 255 for s in (16, 8, 0)],
+                  -1).astype(np.float32)
 
 
 def _same_colour_region(rgb: np.ndarray, seeds: np.ndarray, steps: int
@@ -312,8 +318,9 @@ class LabelSpec:
     uniq, inverse = np.unique(codes, return_inverse=True)
     inverse = inverse.reshape(codes.shape)
     if self.palette_tolerance > 0:
-      near, dist = _nearest(uniq, self.palette_codes)
-      ok = dist <= self.palette_tolerance
+      near, d2 = nearest_colour(_code_rgb(uniq),
+                                _code_rgb(self.palette_codes))
+      ok = np.sqrt(np.maximum(d2, 0)) <= self.palette_tolerance
     else:
       near = np.minimum(np.searchsorted(self.palette_codes, uniq),
                         len(self.palette_codes) - 1)

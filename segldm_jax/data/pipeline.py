@@ -118,7 +118,20 @@ def make_dataset(source: PairSource, *, image_size: int, batch_size: int,
   if bad_records not in BAD_RECORD_MODES:
     raise ValueError(f"bad_records must be one of {BAD_RECORD_MODES}, got "
                      f"{bad_records!r}")
-  skip = bad_records == "skip"
+  ds = _record_stream(source, image_size=image_size, seed=seed, train=train,
+                      skip=bad_records == "skip", shard_count=shard_count)
+  # Lazy: slicing after batching decodes only this process's blocks.
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  ds = ds[start_batch * shard_count + shard_index::shard_count]
+  return _iterate(ds, batch_size, read_options, num_workers)
+
+
+def _record_stream(source: PairSource, *, image_size: int, seed: int,
+                   train: bool, skip: bool, shard_count: int
+                   ) -> grain.MapDataset:
+  """The global stream of decoded S x S records, before batching: (train:
+  shuffle, repeat forever) -> decode -> resize -> (train: random crop +
+  flip | eval: centre crop)."""
   # Skip mode streams indices, so a bad one can be swapped for the next;
   # shuffling indices gives the same permutation as shuffling the source.
   ds = (grain.MapDataset.range(len(source)) if skip
@@ -140,9 +153,14 @@ def make_dataset(source: PairSource, *, image_size: int, batch_size: int,
     ds = ds.random_map(RandomHorizontalFlip(), seed=_derived_seed(seed, 0, 2))
   else:
     ds = ds.map(CenterCrop(image_size))
-  # Lazy: slicing after batching decodes only this process's blocks.
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-  ds = ds[start_batch * shard_count + shard_index::shard_count]
+  return ds
+
+
+def _iterate(ds: grain.MapDataset, batch_size: int,
+             read_options: grain.ReadOptions | None,
+             num_workers: int) -> grain.IterDataset:
+  """This process's batches as an iterable dataset: read by threads, or by
+  `num_workers` worker processes."""
   if read_options is None:
     # grain's default (16 threads, 500 records ahead) holds too many decoded
     # full-size images; a few batches ahead is enough.

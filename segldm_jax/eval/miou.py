@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from segldm_jax.data.base import IGNORE_ID
+from segldm_jax.data.labels import nearest_colour
 from segldm_jax.data.synthetic import class_colours, colour_spacing
 
 # A raw pixel within this fraction of the grid spacing (per channel) of a
@@ -36,15 +37,6 @@ def _box_blur3(images: np.ndarray) -> np.ndarray:
     for dx in range(3):
       out += padded[:, dy:dy + h, dx:dx + w]
   return out / 9.0
-
-
-def _nearest(pixels: np.ndarray, colours: np.ndarray) -> tuple[np.ndarray,
-                                                                 np.ndarray]:
-  """Nearest colour index and its max per-channel distance, (P,) each."""
-  d2 = ((pixels**2).sum(-1, keepdims=True) - 2.0 * pixels @ colours.T +
-        (colours**2).sum(-1))
-  idx = d2.argmin(-1)
-  return idx, np.abs(pixels - colours[idx]).max(-1)
 
 
 def _unmix(pixels: np.ndarray, colours: np.ndarray) -> np.ndarray:
@@ -103,13 +95,15 @@ def segment_synthetic(images: np.ndarray, num_classes: int) -> np.ndarray:
   for b in range(images.shape[0]):
     h, w = images.shape[1:3]
     smooth = blurred[b].reshape(-1, 3)
-    first, _ = _nearest(smooth, colours)
+    first, _ = nearest_colour(smooth, colours)
     keep = _patch_owners(first.reshape(h, w))
     if keep.size == 0:  # e.g. pure noise: fall back to all classes seen
       keep = np.unique(first)
     sub = colours[keep]
     from_smooth = _unmix(smooth, sub)
-    from_raw, raw_dist = _nearest(raw[b].reshape(-1, 3), sub)
+    raw_pixels = raw[b].reshape(-1, 3)
+    from_raw, _ = nearest_colour(raw_pixels, sub)
+    raw_dist = np.abs(raw_pixels - sub[from_raw]).max(-1)  # per channel
     pick = np.where(raw_dist <= trust, from_raw, from_smooth)
     out[b] = keep[pick].reshape(h, w)
   return out[0] if single else out

@@ -24,6 +24,7 @@ from PIL import Image
 import tqdm
 
 from segldm_jax.data import folder as folder_lib
+from segldm_jax.data import masks as masks_lib
 from segldm_jax.data.base import IGNORE_ID
 from segldm_jax.errors import UserError
 from segldm_jax.eval import fid as fid_lib
@@ -219,7 +220,7 @@ def _mask_scores(masks_dir, real_keys, real, fake_keys, fake, segmenter,
                              "image by relative path (or <mask>_<k> name)")
       continue
     preds = segment_all(seg, [p[0] for p in pairs], f"segment {name}")
-    targets = [seg_lib.resize_labels(p[1][None], *pr.shape)[0]
+    targets = [masks_lib.resize_labels(p[1], *pr.shape)
                for p, pr in zip(pairs, preds)]
     out[f"miou_{name}"] = score(np.concatenate([p.ravel() for p in preds]),
                                 np.concatenate([t.ravel() for t in targets]))

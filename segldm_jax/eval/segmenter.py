@@ -6,12 +6,13 @@ The file `assets/deeplabv3_mobilenetv2_ade20k.tflite` ships with the project
   litert  (default) the LiteRT runtime (`ai-edge-litert`, one thread), which
           produced the reference labels: its XNNPACK hybrid kernels quantise
           activations on the fly, and only the runtime itself reproduces
-          that arithmetic. Exact: every pixel of the reference fixture, at
-          ~0.3 s per 513x513 image on one CPU core (batch 1 per invoke).
+          that arithmetic. Exact: every pixel of the reference fixture, on
+          one CPU core (batch 1 per invoke).
   jax     `tflite_graph` replays the graph with jax.lax, jitted, so it runs
           on the accelerator beside the sampler. It emulates the hybrid
           kernels' quantisation but not their exact rounding: 99.6% of the
-          reference's pixels (BENCHMARKS.md), ~10x slower than LiteRT on CPU.
+          reference's pixels, and slower than LiteRT on CPU (both in
+          BENCHMARKS.md).
 
 Protocol (the reference's): the image resized to 513x513 with PIL bilinear,
 x / 127.5 - 1, argmax of the 151 logits (0 = "other", k = ADE20K class k,
@@ -31,6 +32,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from segldm_jax.data import masks as masks_lib
 from segldm_jax.errors import ConfigError
 from segldm_jax.errors import InputError
 from segldm_jax.errors import MissingPackageError
@@ -85,7 +87,8 @@ class ADE20KSegmenter:
             Image.fromarray(im).resize((INPUT_SIZE, INPUT_SIZE),
                                        Image.BILINEAR))
         for im in images])
-    return resize_labels(self.labels_513(resized), h, w)
+    return np.stack([masks_lib.resize_labels(labels, h, w)
+                     for labels in self.labels_513(resized)])
 
 
 class LiteRTSegmenter(ADE20KSegmenter):
@@ -153,15 +156,6 @@ class JaxSegmenter(ADE20KSegmenter):
       out.append(np.asarray(self._labels(
           self.constants, images_513[start:start + self.batch_size])))
     return np.concatenate(out)
-
-
-def resize_labels(labels: np.ndarray, h: int, w: int) -> np.ndarray:
-  """uint8 (N, H', W') -> (N, h, w), nearest neighbour (PIL)."""
-  if labels.shape[1:] == (h, w):
-    return labels
-  return np.stack([
-      np.asarray(Image.fromarray(lab).resize((w, h), Image.NEAREST))
-      for lab in labels])
 
 
 def check_backend(backend: str) -> str:

@@ -5,8 +5,8 @@ Three programs, each one compiled function of (params, masks, key):
 * `generate`: the reference's sampling, plus classifier-free guidance on the
   mask (`guidance_scale`); ignore-label pixels condition on nothing, so a
   partial mask leaves them free.
-* `edit`: regenerate the latent cells marked in `keep == 0` of a real image
-  under an edited mask, keeping the rest (the original sampler's `mask`/`x0`).
+* `regenerate_region`: regenerate the latent cells marked in `keep == 0` of
+  a real image under an edited mask, keeping the rest (the original sampler's `mask`/`x0`).
 * `generate_tiled`: masks larger than the training size, denoised and decoded
   in overlapping tiles of the training size blended by distance to the tile
   border, so memory stays that of one tile.
@@ -60,10 +60,11 @@ def generate(ldm: LatentDiffusion, params, first_stage_params,
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def edit(ldm: LatentDiffusion, params, first_stage_params, images: jax.Array,
-         labels: jax.Array, keep: jax.Array, key: jax.Array, *,
-         sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
-         mask_stages: int = 0, guidance_scale: float = 1.0) -> jax.Array:
+def regenerate_region(ldm: LatentDiffusion, params, first_stage_params,
+                      images: jax.Array, labels: jax.Array, keep: jax.Array,
+                      key: jax.Array, *, sampler: str = "ddim",
+                      steps: int = 50, eta: float = 0.0, mask_stages: int = 0,
+                      guidance_scale: float = 1.0) -> jax.Array:
   """Regenerates the region `keep == 0` of real images under new labels.
 
   Args:
@@ -71,13 +72,13 @@ def edit(ldm: LatentDiffusion, params, first_stage_params, images: jax.Array,
     labels: uint8 (B, H, W), the edited label maps (the whole map conditions
       the model, so the new region fits its surroundings).
     keep: float (B, h, w, 1) at latent resolution, 1 = keep the image's
-      latent (see `editing.edit_masks`).
+      latent (see `region_edit.edit_masks`).
 
   Before every model call the kept latents are reset to the image's latent
   noised to the current level (the original `mask`/`x0` inpainting), and
   after the last step they are put back exactly. Returns uint8 images; the
   pixels outside the region are decoded from the kept latents, i.e. a VQ
-  reconstruction (`editing.composite` restores the photo's own pixels).
+  reconstruction (`region_edit.composite` restores the photo's own pixels).
   """
   z0 = ldm.encode(first_stage_params,
                   images_to_model_range(images))
@@ -194,14 +195,14 @@ def generate_tiled(ldm: LatentDiffusion, params, first_stage_params,
   return model_range_to_images(images)
 
 
-def sample_in_batches(run, ldm: LatentDiffusion, params, first_stage_params,
+def sample_in_batches(generate_fn, ldm: LatentDiffusion, params, first_stage_params,
                       labels: np.ndarray, num_samples: int, batch_size: int,
                       key: jax.Array, desc: str = "sample",
                       progress: Callable[[int, int], None] | None = None
                       ) -> np.ndarray:
   """`num_samples` images per label map -> uint8 (N, num_samples, H, W, 3).
 
-  `run` is `generate` or `generate_tiled` with its options bound. Each map
+  `generate_fn` is `generate` or `generate_tiled` with its options bound. Each map
   is repeated `num_samples` times and cut into batches in a fixed order,
   batch b keyed by fold_in(key, b): the same key and batch size give the
   same images. `progress(done, total)` is told each finished batch.
@@ -210,9 +211,9 @@ def sample_in_batches(run, ldm: LatentDiffusion, params, first_stage_params,
   starts = range(0, len(rep), batch_size)
   images = []
   for b, start in enumerate(tqdm.tqdm(starts, desc=desc)):
-    images.append(np.asarray(run(ldm, params, first_stage_params,
-                                 rep[start:start + batch_size],
-                                 jax.random.fold_in(key, b))))
+    images.append(np.asarray(generate_fn(ldm, params, first_stage_params,
+                                         rep[start:start + batch_size],
+                                         jax.random.fold_in(key, b))))
     if progress is not None:
       progress(b + 1, len(starts))
   return np.concatenate(images).reshape(len(labels), num_samples,

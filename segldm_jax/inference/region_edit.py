@@ -3,7 +3,7 @@ paste of the result back into the photo.
 
 An edit changes some pixels of a label map. Those pixels, grown by `margin`,
 are the region; every latent cell the region touches is regenerated
-(`generation.edit`), everything else keeps the photo's latents. The decoded
+(`generation.regenerate_region`), everything else keeps the photo's latents. The decoded
 result is then pasted into the original photo with a weight that ramps from
 0 at the region's border to 1 at `margin` pixels inside it, so the changed
 pixels come wholly from the model, the pixels outside the region are the
@@ -95,18 +95,18 @@ def composite(original: np.ndarray, generated: np.ndarray,
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def edit_samples(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray,
-                 *, margin: int, num_samples: int, options: dict[str, Any],
-                 key: jax.Array, names: tuple[str, str] = (
-                     "the original labels", "the edited labels"),
-                 progress: Callable[[int, int], None] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def regenerate_changed_pixels(
+    model, photo: np.ndarray, old: np.ndarray, new: np.ndarray, *,
+    margin: int, num_samples: int, options: dict[str, Any], key: jax.Array,
+    names: tuple[str, str] = ("the original labels", "the edited labels"),
+    progress: Callable[[int, int], None] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Regenerates the pixels whose label changed from `old` to `new` (one
   photo, (H, W) label maps), `num_samples` times.
 
   Args:
     model: a `trained_model.TrainedModel`.
-    options: `generation.edit`'s keyword arguments (sampler, steps, ...).
+    options: `generation.regenerate_region`'s keyword arguments (sampler, steps, ...).
     names: how messages call `old` and `new` (e.g. their files).
     progress: told (done, total) after each sample.
 
@@ -120,7 +120,7 @@ def edit_samples(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray,
                             "nothing to edit")
   results = []
   for b in tqdm.trange(num_samples, desc="edit"):
-    gen = np.asarray(generation.edit(
+    gen = np.asarray(generation.regenerate_region(
         model.ldm, model.params, model.first_stage_params, photo[None],
         new[None], keep, jax.random.fold_in(key, b), **options))
     results.append(composite(photo[None], gen, weight)[0])
@@ -129,11 +129,13 @@ def edit_samples(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray,
   return np.stack(results), keep, weight
 
 
-def run_edit(model, photo: np.ndarray, old: np.ndarray, new: np.ndarray, *,
-             out: pathlib.Path, stem: str, **kwargs) -> dict[str, Any]:
-  """`edit_samples`, then writes each result and a strip (photo, old labels,
+def regenerate_and_save(model, photo: np.ndarray, old: np.ndarray,
+                        new: np.ndarray, *, out: pathlib.Path, stem: str,
+                        **kwargs) -> dict[str, Any]:
+  """`regenerate_changed_pixels`, then writes each result and a strip (photo, old labels,
   new labels, results) to `out`; -> a summary."""
-  results, keep, weight = edit_samples(model, photo, old, new, **kwargs)
+  results, keep, weight = regenerate_changed_pixels(model, photo, old, new,
+                                                    **kwargs)
   out.mkdir(parents=True, exist_ok=True)
   for k, img in enumerate(results):
     viz.save_png(img, out / f"{stem}_edit_{k}.png")

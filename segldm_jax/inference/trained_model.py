@@ -72,10 +72,10 @@ class TrainedModel:
     labels = np.asarray(masks, np.uint8)
     labels = labels[None] if labels.ndim == 2 else labels
     self.check_size(labels)
-    run = functools.partial(generation.generate,
-                            **self.sample_options(**options))
+    generate_fn = functools.partial(generation.generate,
+                                    **self.sample_options(**options))
     return generation.sample_in_batches(
-        run, self.ldm, self.params, self.first_stage_params, labels,
+        generate_fn, self.ldm, self.params, self.first_stage_params, labels,
         num_samples, batch_size, jax.random.key(seed), progress=progress)
 
   def edit(self, photo, labels, new_labels, *, num_samples: int = 1,
@@ -86,7 +86,7 @@ class TrainedModel:
     photo exactly -> uint8 (num_samples, H, W, 3)."""
     labels, new_labels = (np.asarray(m, np.uint8) for m in (labels, new_labels))
     self.check_size(labels)
-    results, _, _ = region_edit.edit_samples(
+    results, _, _ = region_edit.regenerate_changed_pixels(
         self, np.asarray(photo, np.uint8), labels, new_labels,
         margin=margin or 2 * self.ldm.downsample_factor,
         num_samples=num_samples, options=self.sample_options(**options),

@@ -24,9 +24,9 @@ class GroupNorm32(nn.Module):
   mean is large), then a per-channel affine. Parameters `scale` and `bias`
   as flax's GroupNorm.
 
-  Written out because flax's `use_fast_variance=False` path ran 5x slower
-  on CPU than these two fused reductions (VQ encoder at 64x64, 32 channels:
-  2.5 ms vs 0.5 ms), for the same result (5e-7).
+  Written out because flax's `use_fast_variance=False` path ran several
+  times slower on CPU than these two fused reductions (BENCHMARKS.md, the
+  CPU section's GroupNorm line), for the same result (5e-7).
   """
   epsilon: float
   num_groups: int = 32

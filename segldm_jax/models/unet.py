@@ -63,7 +63,8 @@ def _after_its_gradient(block: nn.Module, *args, static=()) -> jax.Array:
   That 1 is exact while the gradient is finite (a non-finite one makes the
   block's bias gradients, and so the step, non-finite either way), so the
   values are the same and only the schedule changes. (A conditional, the
-  other way to wait on an operand, ran the CPU step 8x slower.)
+  other way to wait on an operand, ran the CPU step several times slower:
+  BENCHMARKS.md.)
   """
   def call(mdl, *xs):
     return mdl(*xs, *static)
@@ -223,6 +224,17 @@ class UNetModel(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, timesteps: jax.Array,
                train: bool = False) -> jax.Array:
+    """x (B, H, W, in_channels) NHWC, timesteps (B,) -> (B, H, W,
+    out_channels).
+
+    This is long because it mirrors the reference's UNetModel one-to-one:
+    where openaimodel builds input_blocks, middle_block and output_blocks in
+    __init__ and walks them in forward, one pass here builds and runs them,
+    each block named `input_blocks_k_j` / `output_blocks_k_j` after its
+    torch key. Read beside the reference (and the converter's key mapping)
+    it matches line by line; split up, the block counter k, the rate ds and
+    the skip stack would be spread over several functions.
+    """
     if self.num_heads == -1 and self.num_head_channels == -1:
       raise ValueError("UNetModel needs num_heads or num_head_channels")
     if self.remat not in REMAT_POLICIES:

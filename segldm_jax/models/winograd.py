@@ -1,8 +1,8 @@
 """3x3 convolutions by Winograd's minimal filtering F(2x2, 3x3), for CPU.
 
 On this project's CPU shapes both frameworks' convolution kernels (XNNPACK
-here, oneDNN under PyTorch) run the direct algorithm at 140-195 GFLOP/s on
-2 cores, about what their FMA units allow, so going faster takes fewer
+here, oneDNN under PyTorch) run the direct algorithm at about what the
+cores' FMA units allow (BENCHMARKS.md), so going faster takes fewer
 multiplications. F(2x2, 3x3) (Lavin & Gray, 2016) makes every 2x2 output
 tile from a 4x4 input tile with 16 products per channel pair instead of 36:
 
@@ -18,7 +18,7 @@ The gain needs enough channels for the matrix products to run well and
 enough tiles to pay for the transforms, so `conv_general_dilated` takes this
 path only where it measured faster (`benchmarks/winograd_layers.py`): stride
 1, padding 1, even sides of at least 8, at least 64 input channels, float32,
-CPU backend. There the demo UNet forward drops from 25 to 20 ms on 2 cores.
+CPU backend. There the demo UNet forward gets faster (BENCHMARKS.md).
 It has lax.conv_general_dilated's signature, so it plugs into nn.Conv and
 leaves the parameter tree (and checkpoint conversion) untouched. Results
 differ from the direct convolution by float32 rounding (~3e-6 on unit-scale
@@ -109,7 +109,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   The backward pass is written out: d/dx is again a 3x3 convolution, by
   F(2x2, 3x3) where worthwhile; d/dkernel is the direct convolution's.
   Differentiated through the transforms instead, the demo train step ran
-  8-29% slower on CPU, not faster.
+  slower on CPU, not faster (BENCHMARKS.md).
   """
   _, h, w, cin = x.shape
   if kernel.shape != (3, 3, cin, kernel.shape[-1]) or h % TILE or w % TILE:
@@ -132,8 +132,8 @@ def _conv3x3_bwd(residuals, g):
   else:
     (gx,) = jax.linear_transpose(lambda x: _direct(x, kernel), x)(g)
   # d/dkernel correlates x with g: the direct convolution's transpose.
-  # (Through the Winograd transforms instead, the demo train step ran 10%
-  # slower.)
+  # (Through the Winograd transforms instead, the demo train step ran
+  # slower: BENCHMARKS.md.)
   (gk,) = jax.linear_transpose(lambda k: _direct(x, k), kernel)(g)
   return gx, gk
 

@@ -1,8 +1,8 @@
 """JAX's persistent compilation cache, on by default in the user's cache folder.
 
 A resumed run or a second `sample.py` compiles the same programs again (the
-demo's train step takes ~20 s on 2 cores, the reference's ~40 s on a GPU);
-with the cache they are read back from disk instead. `compilation_cache_dir`
+train step is the slowest to compile, on CPU as on GPU: BENCHMARKS.md gives
+the times); with the cache they are read back from disk instead. `compilation_cache_dir`
 in the run config moves it (a path) or turns it off (''); unset, it lives in
 $XDG_CACHE_HOME/segldm_jax/jax_cache (~/.cache/... without XDG_CACHE_HOME),
 or wherever JAX_COMPILATION_CACHE_DIR points when that is set.
@@ -19,9 +19,10 @@ from absl import logging
 import jax
 from jax import monitoring
 
-# Every program, however fast to compile: a start-up also dispatches ~100
-# small eager ops (0.1 s of compile each on 2 CPU cores), and with jax's
-# 1 s default a second start compiled all of them again.
+# Every program, however fast to compile: a start-up also dispatches about a
+# hundred small eager ops, each quicker to compile than jax's default minimum
+# of 1 s, so without this a second start compiled all of them again
+# (BENCHMARKS.md, "Start-up with the persistent compilation cache").
 MIN_COMPILE_SECONDS = 0.0
 # jax.monitoring events, counted by `stats()`.
 _HIT = "/jax/compilation_cache/cache_hits"

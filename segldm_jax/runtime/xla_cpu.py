@@ -2,8 +2,8 @@
 
 jaxlib 0.10's CPU backend hands convolutions to YNNPACK fusions by default.
 On this project's shapes (3x3 convolutions, 32-256 channels, 4x4 to 256x256)
-XNNPACK's convolution is much faster: on 2 cores the demo UNet forward takes
-26 ms instead of 36-40, the VQ encode 1.5x less time (BENCHMARKS.md). Results
+XNNPACK's convolution is much faster, for the UNet forward and the VQ encode
+alike (figures in BENCHMARKS.md, "Convolutions through XNNPACK"). Results
 agree with the PyTorch fixtures to the same tolerance.
 
 The flags are read when the CPU backend starts, so entry points call
