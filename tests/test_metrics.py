@@ -1,4 +1,5 @@
-"""Tests for segldm_jax.training.metrics: metrics.jsonl and tensorboardX event files."""
+"""Tests for segldm_jax.training.metrics: metrics.jsonl and tensorboardX event
+files; and the log steps of the training loops (training.loop)."""
 import io
 import json
 import math
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 import event_files
+from segldm_jax.training import loop
 from segldm_jax.training.metrics import MetricWriter, read_jsonl
 
 
@@ -218,3 +220,32 @@ def test_a_series_of_its_own_shares_the_jsonl_but_not_its_lines(tmp_path):
   with pytest.raises(ValueError, match="series 'vq'"):
     MetricWriter(tmp_path, series="vq")
 
+
+def test_both_loops_log_every_log_every_steps_and_the_last(tmp_path):
+  """`loop.ProgressLog`, as the LDM's and the VQ's loops use it: a record
+  at each multiple of log_every and at the last step, ending with the
+  throughput and the extra counts; it truncates its series on start."""
+  with MetricWriter(tmp_path) as writer:
+    writer.write_scalars(5, {"loss": 9.0})  # a killed run's, past step 2
+  writer = MetricWriter(tmp_path)
+  log = loop.ProgressLog(writer, "test", total=8, initial=2, batch_size=4,
+                         log_every=3, extra=lambda: {"bad_records": 0})
+  logged = []
+  for step in range(3, 9):
+    log.advance()
+    if log.due(step):
+      logged.append(step)
+      log.write(step, {"loss": step / 10, "lr": 1e-3}, loss=f"{step}")
+  log.close()
+  assert logged == [3, 6, 8]
+  records = read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in records] == [3, 6, 8]
+  assert [list(r) for r in records] == [
+      ["step", "loss", "lr", "images_per_sec", "bad_records"]] * 3
+  assert all(r["images_per_sec"] > 0 for r in records)
+  with pytest.raises(ValueError, match="closed"):
+    writer.write_scalars(9, {"loss": 1.0})  # close() closed the writer too
+  no_interval = loop.ProgressLog(MetricWriter(tmp_path, enabled=False), "t",
+                                 total=4, initial=0, batch_size=1, log_every=0)
+  assert [s for s in range(1, 5) if no_interval.due(s)] == [4]
+  no_interval.close()

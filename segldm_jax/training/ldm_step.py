@@ -4,7 +4,7 @@ The step does what `LatentDiffusion.training_step` does: encode the image
 with the frozen first stage (not quantised), condition on the mask through the
 trainable rescaler, noise at a uniform t, predict, l1/l2 loss; then AdamW on
 UNet + rescaler and LitEma's warm-up EMA of the UNet only. The caller jits it
-with shardings (train.py); nothing here knows about devices.
+with shardings (`loop.jit_train_step`); nothing here knows about devices.
 """
 
 import dataclasses
@@ -361,13 +361,12 @@ def _zero_parts():
           "loss_vlb": jnp.zeros(())}
 
 
-def log_record(metrics: Mapping[str, Any], lr: float, images_per_sec: float
-               ) -> dict[str, float | int]:
-  """The scalars logged for a step, from the step's (host) metrics."""
+def log_record(metrics: Mapping[str, Any], lr: float) -> dict[str, float | int]:
+  """The scalars logged for a step, from the step's (host) metrics (the
+  loop adds images_per_sec and, in skip mode, bad_records)."""
   return {"loss": float(metrics["loss"]),
           "loss_simple": float(metrics["loss_simple"]),
           "loss_vlb": float(metrics["loss_vlb"]), "lr": float(lr),
           "grad_norm": float(metrics["grad_norm"]),
           "ema_decay": float(metrics["ema_decay"]),
-          "skipped_steps": int(metrics["skipped"]),
-          "images_per_sec": images_per_sec}
+          "skipped_steps": int(metrics["skipped"])}
