@@ -54,7 +54,7 @@ def prepare(config, workdir: pathlib.Path, mesh, source, **build_kw):
     node = config.model.params.first_stage_config.to_dict()
     module = build.build_model(node, **build_kw)
     params = vq_trainer.train_first_stage(
-        module, config, mesh, source, own, node)
+        module, config, mesh, source, workdir, node)
   elif fs.allow_random_init:
     node = config.model.params.first_stage_config.to_dict()
     module = build.build_model(node, **build_kw)
