@@ -78,7 +78,7 @@ def std_scale_factor(module, params, images: jax.Array, workdir: pathlib.Path,
   (config.json holds it for resumed runs and for sample.py).
 
   Diffusion's noise schedule assumes latents of unit scale; a VQ's latents
-  are whatever its training made them (the demo VQ's: std ~0.77).
+  are whatever its training made them (the demo VQ's: BENCHMARKS.md).
   """
   if resuming:  # also a converted workdir at step 0: the file's value
     return float(run_config.load(workdir).model.params.scale_factor)
