@@ -1,4 +1,5 @@
-"""Tests for segldm_jax.training.metrics: metrics.jsonl and tensorboardX event files."""
+"""Tests for segldm_jax.training.metrics: metrics.jsonl and tensorboardX event
+files; and the log steps of the training loops (training.loop)."""
 import io
 import json
 import math
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 import event_files
+from segldm_jax.training import loop
 from segldm_jax.training.metrics import MetricWriter, read_jsonl
 
 
@@ -176,3 +178,74 @@ def test_closed_writer_refuses_writes(tmp_path):
   with MetricWriter(tmp_path / "other") as other:
     with pytest.raises(ValueError, match="uint8"):
       other.write_images(1, {"x": np.zeros((2, 2, 3))})
+
+
+def test_a_series_of_its_own_shares_the_jsonl_but_not_its_lines(tmp_path):
+  """The demo's first stage logs before the LDM, on a step axis of its own:
+  "first_stage/..." keys in the same metrics.jsonl, its own TensorBoard run,
+  and neither writer's truncation touches the other's lines."""
+  def vq_run(steps):
+    with MetricWriter(tmp_path, series="first_stage") as vq:
+      vq.truncate_after(0)  # a fresh VQ: an earlier, killed one's lines go
+      for step in steps:
+        vq.write_scalars(step, {"l1": 1.0 / step})
+
+  def ldm_run(steps, resume_from=0):
+    with MetricWriter(tmp_path) as ldm:
+      ldm.truncate_after(resume_from)
+      for step in steps:
+        ldm.write_scalars(step, {"loss": step / 10})
+      if 2 in steps:
+        ldm.write_scalars(2, {"eval/fid": 9.0})
+
+  vq_run([1, 2])  # killed
+  vq_run([1, 2, 3, 4])
+  ldm_run([1, 2, 3])  # killed after step 3, checkpoint at 2
+  ldm_run([3, 4], resume_from=2)
+  assert read_jsonl(tmp_path / "metrics.jsonl") == [
+      {"step": 1, "first_stage/l1": 1.0}, {"step": 2, "first_stage/l1": 0.5},
+      {"step": 3, "first_stage/l1": 1 / 3}, {"step": 4, "first_stage/l1": 0.25},
+      {"step": 1, "loss": 0.1}, {"step": 2, "loss": 0.2},
+      {"step": 2, "eval/fid": 9.0}, {"step": 3, "loss": 0.3},
+      {"step": 4, "loss": 0.4}]
+  # Two TensorBoard runs: the LDM's restart marker (step 3) leaves the
+  # first stage's curve whole, as either loader reads it.
+  vq_events = event_files.read_events(tmp_path / "tensorboard" / "first_stage")
+  assert event_files.preempted(vq_events) == {"first_stage/l1": [1, 2, 3, 4]}
+  assert [e.step for e in event_files.purged(vq_events)
+          if e.summary.value] == [1, 2, 3, 4]
+  ldm_events = event_files.read_events(tmp_path / "tensorboard")
+  assert event_files.preempted(ldm_events) == {"loss": [1, 2, 3, 4],
+                                               "eval/fid": [2]}
+  with pytest.raises(ValueError, match="series 'vq'"):
+    MetricWriter(tmp_path, series="vq")
+
+
+def test_both_loops_log_every_log_every_steps_and_the_last(tmp_path):
+  """`loop.ProgressLog`, as the LDM's and the VQ's loops use it: a record
+  at each multiple of log_every and at the last step, ending with the
+  throughput and the extra counts; it truncates its series on start."""
+  with MetricWriter(tmp_path) as writer:
+    writer.write_scalars(5, {"loss": 9.0})  # a killed run's, past step 2
+  writer = MetricWriter(tmp_path)
+  log = loop.ProgressLog(writer, "test", total=8, initial=2, batch_size=4,
+                         log_every=3, extra=lambda: {"bad_records": 0})
+  logged = []
+  for step in range(3, 9):
+    log.advance()
+    if log.due(step):
+      logged.append(step)
+      log.write(step, {"loss": step / 10, "lr": 1e-3}, loss=f"{step}")
+  log.close()
+  assert logged == [3, 6, 8]
+  records = read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in records] == [3, 6, 8]
+  assert [list(r) for r in records] == [
+      ["step", "loss", "lr", "images_per_sec", "bad_records"]] * 3
+  assert all(r["images_per_sec"] > 0 for r in records)
+  with pytest.raises(ValueError, match="closed"):
+    writer.write_scalars(9, {"loss": 1.0})  # close() closed the writer too
+  no_interval = loop.ProgressLog(MetricWriter(tmp_path, enabled=False), "t",
+                                 total=4, initial=0, batch_size=1, log_every=0)
+  assert [s for s in range(1, 5) if no_interval.due(s)] == [4]
+  no_interval.close()

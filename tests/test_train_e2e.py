@@ -276,6 +276,17 @@ def test_without_a_first_stage_it_trains_one_then_reuses_it(tmp_path, env):
   assert (Image.open(fs / "reconstructions.png").size[::-1]
           == two_rows.shape[:2])
   assert saved["model"]["params"]["first_stage_config"] == node
+  # Logged as the LDM is (log_every=1 here), under its own prefix and
+  # TensorBoard run.
+  vq_records = [r for r in metrics.read_jsonl(wd / "metrics.jsonl")
+                if "first_stage/l1" in r]
+  assert [r["step"] for r in vq_records] == [1, 2, 3]
+  assert all(k.startswith("first_stage/") for r in vq_records for k in r
+             if k != "step")
+  assert {"first_stage/loss", "first_stage/psnr", "first_stage/lr",
+          "first_stage/images_per_sec"} <= set(vq_records[0])
+  vq_events = event_files.read_events(wd / "tensorboard" / "first_stage")
+  assert event_files.preempted(vq_events)["first_stage/l1"] == [1, 2, 3]
   r = _train(wd, env, *vq, "--config.train.steps=4")
   # A resumed run keeps the factor it started with, read from config.json:
   # not measured again (its first batch is step 2's, so a new measurement
@@ -290,6 +301,10 @@ def test_without_a_first_stage_it_trains_one_then_reuses_it(tmp_path, env):
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
   assert _steps(wd) == [2, 4]
+  # The resumed LDM's log went on from step 2; the first stage's is whole.
+  records = metrics.read_jsonl(wd / "metrics.jsonl")
+  assert [r for r in records if "first_stage/l1" in r] == vq_records
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, env):

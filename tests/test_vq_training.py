@@ -192,3 +192,15 @@ def test_demo_config_builds_f4_with_3_channel_latents():
   z = jax.eval_shape(lambda: model.init_with_output(
       jax.random.key(0), jnp.zeros((1, 64, 64, 3)), method=model.encode)[0])
   assert z.shape == (1, 16, 16, 3)
+
+
+def test_log_record_names_the_step_metrics():
+  """What train_first_stage logs per log step (as "first_stage/KEY")."""
+  metrics = {"loss": np.float32(0.5), "rec_l1": np.float32(0.25),
+             "rec_mse": np.float32(0.125), "codebook": np.float32(0.0625),
+             "psnr": np.float32(12.5), "perplexity": np.float32(7.0),
+             "codes_used": np.float32(0.5), "restarted": np.int32(3)}
+  assert vqt.vq_log_record(metrics, 1e-3) == {
+      "loss": 0.5, "l1": 0.25, "mse": 0.125, "codebook_loss": 0.0625,
+      "psnr": 12.5, "perplexity": 7.0, "codes_used": 0.5,
+      "codes_restarted": 3, "lr": 1e-3}

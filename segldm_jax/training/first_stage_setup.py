@@ -1,10 +1,11 @@
 """A training run's frozen first stage: the one it already has, a VQ
 trained now (the demo's `first_stage.train_steps`), or random weights
 (`first_stage.allow_random_init`, smoke tests only); and the latent scale
-the run measures once (`scale_by_std`).
+the run measures once (`scale_by_std`). `set_up` does all of it for train.py.
 """
 
 import pathlib
+from typing import Any
 
 from absl import logging
 import jax
@@ -18,7 +19,23 @@ from segldm_jax.data.pixel_range import images_to_model_range
 from segldm_jax.inference import first_stage
 from segldm_jax.models import build
 from segldm_jax.runtime import distributed
+from segldm_jax.runtime import sharding
 from segldm_jax.training import vq_trainer
+
+
+def set_up(config, workdir: pathlib.Path, mesh, source, first_batch,
+           resuming: bool, **build_kw) -> Any:
+  """-> the run's frozen first stage's params (`prepare`), replicated over
+  `mesh`. config.model gets the first stage's node and, with scale_by_std,
+  the scale factor (`std_scale_factor` of `first_batch`)."""
+  module, params, node = prepare(config, workdir, mesh, source, **build_kw)
+  params = jax.device_put(params, sharding.replicated(mesh))
+  with config.unlocked():
+    config.model.params.first_stage_config = node
+    if config.model.params.get("scale_by_std", False):
+      config.model.params.scale_factor = std_scale_factor(
+          module, params, first_batch["image"], workdir, resuming)
+  return params
 
 
 def prepare(config, workdir: pathlib.Path, mesh, source, **build_kw):
@@ -37,7 +54,7 @@ def prepare(config, workdir: pathlib.Path, mesh, source, **build_kw):
     node = config.model.params.first_stage_config.to_dict()
     module = build.build_model(node, **build_kw)
     params = vq_trainer.train_first_stage(
-        module, config, mesh, source, own, node)
+        module, config, mesh, source, workdir, node)
   elif fs.allow_random_init:
     node = config.model.params.first_stage_config.to_dict()
     module = build.build_model(node, **build_kw)
@@ -61,7 +78,7 @@ def std_scale_factor(module, params, images: jax.Array, workdir: pathlib.Path,
   (config.json holds it for resumed runs and for sample.py).
 
   Diffusion's noise schedule assumes latents of unit scale; a VQ's latents
-  are whatever its training made them (the demo VQ's: std ~0.77).
+  are whatever its training made them (the demo VQ's: BENCHMARKS.md).
   """
   if resuming:  # also a converted workdir at step 0: the file's value
     return float(run_config.load(workdir).model.params.scale_factor)

@@ -4,7 +4,7 @@ The step does what `LatentDiffusion.training_step` does: encode the image
 with the frozen first stage (not quantised), condition on the mask through the
 trainable rescaler, noise at a uniform t, predict, l1/l2 loss; then AdamW on
 UNet + rescaler and LitEma's warm-up EMA of the UNet only. The caller jits it
-with shardings (train.py); nothing here knows about devices.
+with shardings (`loop.jit_train_step`); nothing here knows about devices.
 """
 
 import dataclasses
@@ -147,117 +147,168 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
   = k runs the frozen encoder on k micro-batches in turn (its largest
   activations, at image resolution, then take 1/k of the memory).
   """
-  compute_dtype = jnp.dtype(train_cfg.get("compute_dtype", "float32"))
-  remat = train_cfg.get("remat", "none")
-  if (remat, compute_dtype) != (ldm.unet.remat, jnp.dtype(ldm.unet.dtype)):
-    # The UNet's layers compute in their module dtype (flax promotes inputs
-    # and kernels to it), so bf16 inputs alone would still run in float32.
-    ldm = dataclasses.replace(
-        ldm, unet=ldm.unet.clone(dtype=compute_dtype, remat=remat))
-  schedule = ldm.schedule()
-  settings = ldm.settings
-  accum = int(train_cfg.get("grad_accum", 1))
-  max_decay = float(train_cfg.get("ema_decay", 0.9999))
-  skip_nonfinite = train_cfg.get("nonfinite", "stop") == "skip"
-  cond_drop = float(train_cfg.get("cond_drop_prob", 0.0))
-  region_drop = float(train_cfg.get("region_drop_prob", 0.0))
-  encode_chunks = int(train_cfg.get("encode_chunks", 1))
+  parts = _StepParts(ldm, optimizer, train_cfg, mask_stages)
 
-  def loss_fn(params, z, labels, t, noise, keep, dropout_key):
-    c = ldm.condition(params["cond_stage"], labels, mask_stages)
-    if cond_drop > 0:
+  def step(state: TrainState, batch, first_stage_params, rng):
+    step_key = jax.random.fold_in(rng, state.step)
+    k_t, k_noise, k_drop = jax.random.split(step_key, 3)
+    z = parts.latents(batch["image"], first_stage_params)
+    t, noise = parts.draw_t_and_noise(batch, z, k_t, k_noise)
+    keep, labels = parts.drop_condition(step_key, batch["labels"], z.shape[0])
+    loss, loss_parts, grads = parts.accumulate_gradients(
+        state.params, (z, labels, t, noise, keep), k_drop)
+    finite = jnp.isfinite(loss) & _tree_all_finite(grads)
+    new, decay = parts.update_with_ema(state, grads)
+    new = parts.guard_nonfinite(state, new, finite)
+    metrics = {**loss_parts, "finite": finite,
+               "grad_norm": optax.global_norm(grads), "ema_decay": decay,
+               "skipped": new.skipped}
+    return new, metrics
+
+  return step
+
+
+class _StepParts:
+  """The train step's parts, each set up once from `train_cfg`; the step
+  (`make_train_step`) calls them in the order written here."""
+
+  def __init__(self, ldm: LatentDiffusion,
+               optimizer: optax.GradientTransformation,
+               train_cfg: Mapping[str, Any], mask_stages: int):
+    self.compute_dtype = jnp.dtype(train_cfg.get("compute_dtype", "float32"))
+    remat = train_cfg.get("remat", "none")
+    if (remat, self.compute_dtype) != (ldm.unet.remat, jnp.dtype(ldm.unet.dtype)):
+      # The UNet's layers compute in their module dtype (flax promotes inputs
+      # and kernels to it), so bf16 inputs alone would still run in float32.
+      ldm = dataclasses.replace(
+          ldm, unet=ldm.unet.clone(dtype=self.compute_dtype, remat=remat))
+    self.ldm = ldm
+    self.optimizer = optimizer
+    self.mask_stages = mask_stages
+    self.schedule = ldm.schedule()
+    self.accum = int(train_cfg.get("grad_accum", 1))
+    self.max_decay = float(train_cfg.get("ema_decay", 0.9999))
+    self.skip_nonfinite = train_cfg.get("nonfinite", "stop") == "skip"
+    self.cond_drop = float(train_cfg.get("cond_drop_prob", 0.0))
+    self.region_drop = float(train_cfg.get("region_drop_prob", 0.0))
+    self.encode_chunks = int(train_cfg.get("encode_chunks", 1))
+    self.grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+
+  def loss(self, params, z, labels, t, noise, keep, dropout_key):
+    """The LDM's loss of one (micro-)batch -> (loss, its parts)."""
+    c = self.ldm.condition(params["cond_stage"], labels, self.mask_stages)
+    if self.cond_drop > 0:
       # Classifier-free guidance: a dropped sample sees the all-zero
       # conditioning, exactly what an all-ignore mask gives (the rescaler
       # has no bias), so "unconditional" and "don't care" are one input.
       c = c * keep[:, None, None, None]
-    x_t = objective.q_sample(schedule, z, t, noise)
-    unet_params = _cast_after(z, params["unet"], compute_dtype)
-    out = ldm.denoise(unet_params, x_t.astype(compute_dtype), t,
-                      c.astype(compute_dtype), train=True,
-                      rngs={"dropout": dropout_key})
+    x_t = objective.q_sample(self.schedule, z, t, noise)
+    unet_params = _cast_after(z, params["unet"], self.compute_dtype)
+    out = self.ldm.denoise(unet_params, x_t.astype(self.compute_dtype), t,
+                           c.astype(self.compute_dtype), train=True,
+                           rngs={"dropout": dropout_key})
+    settings = self.ldm.settings
     loss, parts = objective.diffusion_loss(
-        schedule, out.astype(jnp.float32), z, t, noise,
+        self.schedule, out.astype(jnp.float32), z, t, noise,
         loss_type=settings["loss_type"],
         l_simple_weight=settings["l_simple_weight"],
         original_elbo_weight=settings["original_elbo_weight"])
     parts = {k: v for k, v in parts.items() if k != "loss_simple_per_sample"}
     return loss, parts
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  def latents(self, image: jax.Array, first_stage_params) -> jax.Array:
+    """uint8 images -> latents of the frozen first stage: no gradient, and
+    it trains nothing; its activations are freed as it goes (nothing
+    differentiates through it)."""
+    image = data_device.images_to_model_range(image)
+    return jax.lax.stop_gradient(
+        encode_in_chunks(self.ldm, first_stage_params, image,
+                         self.encode_chunks))
 
-  def step(state: TrainState, batch, first_stage_params, rng):
-    step_key = jax.random.fold_in(rng, state.step)
-    k_t, k_noise, k_drop = jax.random.split(step_key, 3)
-    image = data_device.images_to_model_range(batch["image"])
-    # The first stage is frozen: no gradient, and it trains nothing; its
-    # activations are freed as it goes (nothing differentiates through it).
-    z = jax.lax.stop_gradient(
-        encode_in_chunks(ldm, first_stage_params, image, encode_chunks))
-    # Noise and timesteps are drawn for the whole batch, so splitting it
-    # into micro-batches changes memory, not the update.
-    if "pinned" in batch:  # given instead (parity tests); a trace-time switch
-      t = batch["pinned"]["t"].astype(jnp.int32)
-      noise = batch["pinned"]["noise"].astype(jnp.float32)
-    else:
-      t = jax.random.randint(k_t, (z.shape[0],), 0, schedule.num_timesteps)
-      noise = jax.random.normal(k_noise, z.shape, jnp.float32)
-    if cond_drop > 0:
+  def draw_t_and_noise(self, batch, z: jax.Array, k_t: jax.Array,
+                       k_noise: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Timesteps and noise, drawn for the whole batch (so splitting it into
+    micro-batches changes memory, not the update), or the batch's "pinned"
+    ones (parity tests; a trace-time switch)."""
+    if "pinned" in batch:
+      return (batch["pinned"]["t"].astype(jnp.int32),
+              batch["pinned"]["noise"].astype(jnp.float32))
+    t = jax.random.randint(k_t, (z.shape[0],), 0, self.schedule.num_timesteps)
+    noise = jax.random.normal(k_noise, z.shape, jnp.float32)
+    return t, noise
+
+  def drop_condition(self, step_key: jax.Array, labels: jax.Array,
+                     batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """-> (keep: 1.0 for a sample that keeps its conditioning, 0.0 for one
+    dropped for classifier-free guidance; the labels, a random box of some
+    masks made "don't care" when `region_drop_prob` > 0)."""
+    if self.cond_drop > 0:
       keep = jax.random.bernoulli(jax.random.fold_in(step_key, 1),
-                                  1.0 - cond_drop, (z.shape[0],))
+                                  1.0 - self.cond_drop, (batch_size,))
       keep = keep.astype(jnp.float32)
-    else:  # the reference recipe: no random draw; loss_fn ignores keep
-      keep = jnp.ones((z.shape[0],), jnp.float32)
-    labels = batch["labels"]
-    if region_drop > 0:
+    else:  # the reference recipe: no random draw; `loss` ignores keep
+      keep = jnp.ones((batch_size,), jnp.float32)
+    if self.region_drop > 0:
       labels = drop_regions(jax.random.fold_in(step_key, 2), labels,
-                            region_drop)
-    inputs = (z, labels, t, noise, keep)
-    if accum == 1:
-      (loss, parts), grads = grad_fn(state.params, *inputs, k_drop)
-    else:
-      def body(carry, inp):
-        i, *xs = inp
-        (l, p), g = grad_fn(state.params, *xs, jax.random.fold_in(k_drop, i))
-        return jax.tree.map(jnp.add, carry, (l, p, g)), None
+                            self.region_drop)
+    return keep, labels
 
-      zero = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), _zero_parts(),
-                                           state.params))
-      total, _ = jax.lax.scan(
-          body, zero, (jnp.arange(accum), *(micro_batches(x, accum) for x in inputs)))
-      loss, parts, grads = jax.tree.map(lambda x: x / accum, total)
+  def accumulate_gradients(self, params, inputs: tuple[jax.Array, ...],
+                           k_drop: jax.Array):
+    """-> (loss, its parts, gradients), averaged over `grad_accum`
+    micro-batches (rows j, j + k, ...) taken in turn."""
+    if self.accum == 1:
+      (loss, parts), grads = self.grad_fn(params, *inputs, k_drop)
+      return loss, parts, grads
 
-    finite = jnp.isfinite(loss) & _tree_all_finite(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    def body(carry, inp):
+      i, *xs = inp
+      (l, p), g = self.grad_fn(params, *xs, jax.random.fold_in(k_drop, i))
+      return jax.tree.map(jnp.add, carry, (l, p, g)), None
+
+    zero = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), _zero_parts(), params))
+    total, _ = jax.lax.scan(body, zero, (
+        jnp.arange(self.accum),
+        *(micro_batches(x, self.accum) for x in inputs)))
+    return jax.tree.map(lambda x: x / self.accum, total)
+
+  def update_with_ema(self, state: TrainState, grads
+                      ) -> tuple[TrainState, jax.Array]:
+    """AdamW on UNet + rescaler, then LitEma's warm-up EMA of the UNet ->
+    (the next state, the EMA decay used)."""
+    updates, opt_state = self.optimizer.update(grads, state.opt_state,
+                                               state.params)
     params = optax.apply_updates(state.params, updates)
     n = state.ema_updates + 1
-    decay = ema_decay(n, max_decay)
+    decay = ema_decay(n, self.max_decay)
     ema = {"unet": jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p),
                                 state.ema["unet"], params["unet"])}
     new = state.replace(step=state.step + 1, params=params, ema=ema,
                         opt_state=opt_state, ema_updates=n)
-    if skip_nonfinite:
-      # A non-finite loss or gradient never reaches the parameters: keep the
-      # old state (the step counter still advances, so the data stays
-      # aligned). Selecting costs a pass over the state, and copies, since
-      # the old state stays live next to the donated new one (~10% of a CPU
-      # demo step), so "stop" runs go without.
-      kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
-      new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
-    else:
-      new = new.replace(skipped=state.skipped + (~finite).astype(jnp.int32))
-    metrics = {**parts, "finite": finite, "grad_norm": optax.global_norm(grads),
-               "ema_decay": decay, "skipped": new.skipped}
-    return new, metrics
+    return new, decay
 
-  return step
+  def guard_nonfinite(self, state: TrainState, new: TrainState,
+                      finite: jax.Array) -> TrainState:
+    """`new`, counting a non-finite step in `skipped`; with nonfinite=skip
+    such a step's update is dropped."""
+    if not self.skip_nonfinite:
+      return new.replace(skipped=state.skipped + (~finite).astype(jnp.int32))
+    # A non-finite loss or gradient never reaches the parameters: keep the
+    # old state (the step counter still advances, so the data stays
+    # aligned). Selecting costs a pass over the state, and copies, since the
+    # old state stays live next to the donated new one (BENCHMARKS.md), so
+    # "stop" runs go without.
+    kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
 
 
 def _cast_after(x: jax.Array, params, dtype):
   """`params` cast to `dtype`, not before `x` (the latents) exists.
 
   XLA:CPU casts every UNet weight to bf16 (and back to float32, for its
-  float32 convolutions) at the start of the step, where 1.2 GB of copies of
-  the reference UNet then wait through the frozen encoder's peak. Multiplied
+  float32 convolutions) at the start of the step, where those copies of
+  the reference UNet then wait through the frozen encoder's peak
+  (BENCHMARKS.md, the bf16 step's memory). Multiplied
   by a 1 computed from `x` first (`unet.one_after`), they cannot be made
   earlier. The 1 is exact while `x` is finite (the loss is not, otherwise),
   so the weights are the same; float32 steps are left as they are.
@@ -310,13 +361,12 @@ def _zero_parts():
           "loss_vlb": jnp.zeros(())}
 
 
-def log_record(metrics: Mapping[str, Any], lr: float, images_per_sec: float
-               ) -> dict[str, float | int]:
-  """The scalars logged for a step, from the step's (host) metrics."""
+def log_record(metrics: Mapping[str, Any], lr: float) -> dict[str, float | int]:
+  """The scalars logged for a step, from the step's (host) metrics (the
+  loop adds images_per_sec and, in skip mode, bad_records)."""
   return {"loss": float(metrics["loss"]),
           "loss_simple": float(metrics["loss_simple"]),
           "loss_vlb": float(metrics["loss_vlb"]), "lr": float(lr),
           "grad_norm": float(metrics["grad_norm"]),
           "ema_decay": float(metrics["ema_decay"]),
-          "skipped_steps": int(metrics["skipped"]),
-          "images_per_sec": images_per_sec}
+          "skipped_steps": int(metrics["skipped"])}

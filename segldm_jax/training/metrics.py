@@ -16,6 +16,15 @@ restored checkpoint's step, so `metrics.jsonl` of a killed and resumed run is
 byte for byte that of an uninterrupted one. Old event files are left as they
 are; the new file starts with TensorBoard's own restart marker (see
 `truncate_after`), which hides what the killed run logged past the step.
+
+A job that counts steps of its own before the run's (the demo's first
+stage, `SERIES`) logs through a writer of that series: its keys read
+"first_stage/l1", ... in the same `metrics.jsonl`, its events go to
+tensorboard/first_stage/ (a TensorBoard run of its own, so neither step axis
+nor restart marker touches the other's), and each writer's
+`truncate_after` drops its own series' lines only.
+
+    {"step": 25, "first_stage/loss": 0.41, "first_stage/l1": 0.38, ...}
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ finally:
 
 JSONL_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+# Jobs with a step count of their own, logged beside the run's records.
+SERIES = ("first_stage",)
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -123,21 +134,36 @@ def _check_tag(tag: Any) -> None:
     raise TypeError(f"metric names must be non-empty strings, got {tag!r}")
 
 
+def series_of(record: Mapping[str, Any]) -> str:
+  """The series a metrics.jsonl record belongs to: a name in `SERIES` when
+  all its keys (but "step") carry that name's prefix, else "" (the run's)."""
+  keys = [k for k in record if k != "step"]
+  for name in SERIES:
+    if keys and all(k.startswith(f"{name}/") for k in keys):
+      return name
+  return ""
+
+
 class MetricWriter:
   """Writes scalars to `metrics.jsonl` + TensorBoard, images to TensorBoard.
 
   Every write reaches the OS at once (JSONL unbuffered, the event file
   flushed after each event), so a killed run loses nothing it logged. With
   `enabled=False` (processes other than 0 of a multi-host run) every method
-  is a no-op and nothing is created.
+  is a no-op and nothing is created. `series` (one of `SERIES`) writes that
+  job's steps: keys prefixed "SERIES/", events in tensorboard/SERIES/.
   """
 
   def __init__(self, workdir: str | os.PathLike[str], *,
-               enabled: bool = True) -> None:
+               enabled: bool = True, series: str = "") -> None:
+    if series not in ("", *SERIES):
+      raise ValueError(f"series {series!r}: one of {SERIES}, or '' (the run)")
     self.enabled = enabled
+    self.series = series
+    self._prefix = f"{series}/" if series else ""
     self.workdir = pathlib.Path(workdir)
     self.jsonl_path = self.workdir / JSONL_FILE
-    self.events_dir = self.workdir / TENSORBOARD_DIR
+    self.events_dir = self.workdir / TENSORBOARD_DIR / series
     self.events_path: pathlib.Path | None = None
     self._jsonl: io.FileIO | None = None
     self._events: EventsWriter | None = None
@@ -195,6 +221,7 @@ class MetricWriter:
     values = []
     for key, value in scalars.items():
       _check_tag(key)
+      key = self._prefix + key
       record[key] = json_value = _json_scalar(key, value)
       number = (_NON_FINITE[json_value] if isinstance(json_value, str)
                 else float(json_value))
@@ -216,6 +243,7 @@ class MetricWriter:
     values = []
     for tag, image in images.items():
       _check_tag(tag)
+      tag = self._prefix + tag
       array = np.asarray(image)
       if array.ndim == 2:
         array = array[..., None]
@@ -233,7 +261,7 @@ class MetricWriter:
     Called once on resume with the restored checkpoint's step, before the
     first write: what the killed run logged past its last checkpoint is
     logged again by the resumed run. `metrics.jsonl` is rewritten without
-    the lines above `step`.
+    the lines above `step` (of this writer's series; the others' lines stay).
 
     Event files are not rewritten (that would take a TFRecord reader);
     instead the new file gets TensorBoard's restart marker, the event
@@ -252,11 +280,12 @@ class MetricWriter:
     kept = []
     for number, line, _ in _jsonl_lines(self.jsonl_path.read_text()):
       try:
-        record_step = json.loads(line)["step"]
+        record = json.loads(line)
+        record_step = record["step"]
       except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{self.jsonl_path}:{number}: not a metrics line: "
                          f"{e}") from e
-      if record_step <= step:
+      if record_step <= step or series_of(record) != self.series:
         kept.append(line + "\n")
     _replace(self.jsonl_path, "".join(kept).encode())
     self._jsonl = open(self.jsonl_path, "ab", buffering=0)

@@ -26,6 +26,7 @@ from segldm_jax.inference import first_stage
 from segldm_jax.models import build
 from segldm_jax.runtime import compilation_cache
 from segldm_jax.runtime import peers
+from segldm_jax.runtime import sharding
 from segldm_jax.training import ldm_step
 
 
@@ -95,6 +96,17 @@ def preflight(config: mlc.ConfigDict, workdir: pathlib.Path) -> Start:
                resuming=resume_from is not None,
                optimizer=optimizer, abstract_state=abstract_state,
                lock=lock)
+
+
+def state_shardings(start: Start, config: mlc.ConfigDict, mesh) -> Any:
+  """The train state's shardings on `mesh` by `config.sharding_strategy`;
+  logs the mesh and where each parameter lives."""
+  logging.info("mesh %s", dict(mesh.shape))
+  shardings = sharding.shardings_from_rules(
+      start.abstract_state, mesh, config.sharding_strategy)
+  logging.info("parameters:\n%s", sharding.describe(
+      shardings.params, start.abstract_state.params))
+  return shardings
 
 
 def initial_state(start: Start, config: mlc.ConfigDict, workdir: pathlib.Path,

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
 from segldm_jax.checkpoint import store
+from segldm_jax.checkpoint import workdir_files
 from segldm_jax.data import check as data_check
 from segldm_jax.data import pipeline
 from segldm_jax.data import viz
@@ -38,6 +38,8 @@ from segldm_jax.models.autoencoder import VQModel
 from segldm_jax.models.build import init_params
 from segldm_jax.runtime import distributed
 from segldm_jax.runtime import sharding
+from segldm_jax.training import loop
+from segldm_jax.training import metrics as metrics_lib
 
 Params = Any
 Metrics = dict[str, jax.Array]
@@ -300,45 +302,51 @@ def vq_optimizer(learning_rate: float | optax.Schedule, *,
 # --------------------------------------------------------------------------
 
 
-def train_first_stage(module, config, mesh, source, out: pathlib.Path, node: dict):
-  """Trains a VQ autoencoder on the run's images and saves it to `out`."""
+def train_first_stage(module, config, mesh, source, workdir: pathlib.Path,
+                      node: dict):
+  """Trains a VQ autoencoder on the run's images and saves it to
+  WORKDIR/first_stage. Logged as the LDM's steps are (every
+  `train.log_every` steps and the last), as "first_stage/..." records in
+  metrics.jsonl (`vq_log_record`) and in TensorBoard's first_stage run."""
   fs = config.first_stage
-  batch = fs.train_batch_size
-  optimizer = vq_optimizer(fs.learning_rate, decay_steps=fs.train_steps,
-                              warmup_steps=fs.warmup_steps,
-                              b1=fs.adam_b1, b2=fs.adam_b2)
-  step_fn = make_vq_train_step(
-      module, optimizer, mse_weight=fs.mse_weight,
-      quantize_warmup_steps=fs.quantize_warmup_steps)
-  crop_rng = np.random.default_rng([config.seed, 1])
+  lr = vq_schedule(fs.learning_rate, decay_steps=fs.train_steps,
+                   warmup_steps=fs.warmup_steps)
+  optimizer = vq_optimizer(lr, b1=fs.adam_b1, b2=fs.adam_b2)
   repl = sharding.replicated(mesh)
   state = jax.jit(lambda k: create_vq_train_state(module, optimizer, k),
                   out_shardings=repl)(jax.random.key(config.seed + 1))
-  step_fn = jax.jit(step_fn, in_shardings=(repl, sharding.batch_sharding(mesh)),
-                    out_shardings=(repl, repl), donate_argnums=(0,))
+  step_fn = loop.jit_train_step(make_vq_train_step(
+      module, optimizer, mse_weight=fs.mse_weight,
+      quantize_warmup_steps=fs.quantize_warmup_steps), mesh, repl)
   data = iter(pipeline.make_dataset(
       source, image_size=config.data.image_size,
-      batch_size=batch // jax.process_count(), seed=config.seed + 1,
-      num_workers=config.data.num_workers,
+      batch_size=fs.train_batch_size // jax.process_count(),
+      seed=config.seed + 1, num_workers=config.data.num_workers,
       bad_records=config.data.get("bad_records", "error")))
-  data = map(data_check.BadRecordLog(source), data)  # warns on skipped ones
-  bar = tqdm.tqdm(range(fs.train_steps), desc="first stage (VQ)",
-                  disable=jax.process_index() != 0, dynamic_ncols=True)
-  for i in bar:
-    local = next(data)["image"]
-    if fs.train_crop:  # one window per step, the same in every process
-      y, x = crop_rng.integers(0, np.array(local.shape[1:3]) - fs.train_crop + 1)
-      local = local[:, y:y + fs.train_crop, x:x + fs.train_crop]
-    images = sharding.global_batch({"image": local}, mesh)["image"]
-    if i == 0:
+  bad_log = data_check.BadRecordLog(source)  # warns on skipped ones
+  data = map(bad_log, data)
+  crops = _crops(data, fs.train_crop, np.random.default_rng([config.seed, 1]),
+                 mesh)
+  writer = metrics_lib.MetricWriter(
+      workdir, enabled=jax.process_index() == 0, series="first_stage")
+  log = loop.ProgressLog(writer, "first stage (VQ)", total=fs.train_steps,
+                         initial=0, batch_size=fs.train_batch_size,
+                         log_every=config.train.log_every,
+                         extra=loop.bad_record_counter(config, bad_log))
+  for step in range(1, fs.train_steps + 1):
+    images = next(crops)
+    if step == 1:
       step_fn = distributed.compile_for_all(step_fn, state, images,
-                                         name="vq_step_compiled")
-    state, m = step_fn(state, images)
-    if i % 25 == 0 or i == fs.train_steps - 1:
-      m = jax.device_get(m)
-      bar.set_postfix(l1=f"{float(m['rec_l1']):.4f}",
-                      psnr=f"{float(m['psnr']):.1f}")
+                                            name="vq_step_compiled")
+    state, metrics = step_fn(state, images)
+    log.advance()
+    if log.due(step):  # device_get waits for the step
+      record = vq_log_record(jax.device_get(metrics), lr(step - 1))
+      log.write(step, record, l1=f"{record['l1']:.4f}",
+                psnr=f"{record['psnr']:.1f}")
+  log.close()
   params = jax.device_get(state.params)
+  out = workdir / workdir_files.FIRST_STAGE_DIR
   store.save_model_dir(out, node, params)
   if jax.process_index() == 0:
     images = next(data)["image"][:8]
@@ -346,3 +354,26 @@ def train_first_stage(module, config, mesh, source, out: pathlib.Path, node: dic
     rec = np.asarray(model_range_to_images(rec))
     viz.save_png(viz.grid([images, rec]), out / "reconstructions.png")
   return params
+
+
+def _crops(batches, crop: int, rng: np.random.Generator, mesh):
+  """Global image batches, each cut to one random `crop`-square window
+  (the same in every process: `rng` is), or whole (crop 0)."""
+  for batch in batches:
+    local = batch["image"]
+    if crop:
+      y, x = rng.integers(0, np.array(local.shape[1:3]) - crop + 1)
+      local = local[:, y:y + crop, x:x + crop]
+    yield sharding.global_batch({"image": local}, mesh)["image"]
+
+
+def vq_log_record(metrics: Metrics, lr: float) -> dict[str, float | int]:
+  """The scalars logged for a VQ step, from the step's (host) metrics (the
+  loop adds images_per_sec and, in skip mode, bad_records)."""
+  return {"loss": float(metrics["loss"]), "l1": float(metrics["rec_l1"]),
+          "mse": float(metrics["rec_mse"]),
+          "codebook_loss": float(metrics["codebook"]),
+          "psnr": float(metrics["psnr"]),
+          "perplexity": float(metrics["perplexity"]),
+          "codes_used": float(metrics["codes_used"]),
+          "codes_restarted": int(metrics["restarted"]), "lr": float(lr)}
