@@ -289,7 +289,8 @@ def resume_step(mgr: ocp.CheckpointManager) -> int | None:
 
 def save_train_state(mgr: ocp.CheckpointManager, step: int, state,
                      force: bool = False) -> None:
-  """Saves state as params / ema_params / opt_state / meta items.
+  """Saves state as params / ema_params / opt_state / meta items; meta's
+  "frozen" lists the parameters without optimiser state (train.trainable).
 
   The split keeps converted workdirs and training workdirs one format:
   sample.py reads params and ema_params from either.
@@ -307,7 +308,9 @@ def save_train_state(mgr: ocp.CheckpointManager, step: int, state,
       opt_state=ocp.args.StandardSave(state.opt_state),
       meta=ocp.args.JsonSave({"step": step,
                               "ema_updates": int(state.ema_updates),
-                              "skipped": int(state.skipped)}),
+                              "skipped": int(state.skipped),
+                              "frozen": saved_shapes.stateless_params(
+                                  state.params, state.opt_state)}),
       **{MANIFEST_ITEM: ocp.args.JsonSave(hashes)}))
 
 

@@ -21,6 +21,7 @@ from segldm_jax.diffusion import objective
 from segldm_jax.models import build
 from segldm_jax.models import unet as unet_lib
 from segldm_jax.models.ldm import LatentDiffusion
+from segldm_jax.training import trainable
 
 Params = Any
 
@@ -87,7 +88,8 @@ def make_optimizer(train_cfg: Mapping[str, Any]) -> optax.GradientTransformation
                            b2=train_cfg.get("adam_b2", 0.999),
                            eps=train_cfg.get("adam_eps", 1e-8),
                            weight_decay=train_cfg.get("weight_decay", 0.01)))
-  return optax.chain(*parts)
+  # train.trainable (issue 25): frozen parameters get no optimiser state.
+  return trainable.wrap_optimizer(optax.chain(*parts), train_cfg)
 
 
 def init_state(params: Params, optimizer: optax.GradientTransformation,
@@ -233,6 +235,8 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
     decay = ema_decay(n, max_decay)
     ema = {"unet": jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p),
                                 state.ema["unet"], params["unet"])}
+    # train.trainable (issue 25): frozen parameters and their EMA stay as they were.
+    params, ema = trainable.keep_frozen(train_cfg, state, params, ema)
     new = state.replace(step=state.step + 1, params=params, ema=ema,
                         opt_state=opt_state, ema_updates=n)
     if skip_nonfinite:
