@@ -149,11 +149,15 @@ def _synonyms(name: str) -> list[str]:
 
 def _rules(name: str) -> list[tuple[str, set[str]]]:
   """(how, names it accepts), in the order tried (module docstring)."""
-  own = [("name", {name}), ("plural/singular", _number_forms(name)),
-         ("stuff class", {name + s for s in _STUFF_SUFFIXES})]
+  def stuff(forms: set[str]) -> set[str]:
+    return {f + s for f in forms for s in _STUFF_SUFFIXES}
+
+  forms = {name} | _number_forms(name)
+  own = [("name", {name}), ("plural/singular", forms - {name}),
+         ("stuff class", stuff(forms))]
   for synonym in _synonyms(name):
-    own += [(f"synonym {synonym!r}", {synonym} | _number_forms(synonym)
-             | {synonym + s for s in _STUFF_SUFFIXES})]
+    forms = {synonym} | _number_forms(synonym)
+    own += [(f"synonym {synonym!r}", forms | stuff(forms))]
   return own
 
 
