@@ -356,17 +356,19 @@ def _rows(workdir):
           if path.is_file() else [])
 
 
-def test_cityscapes_fine_tune_prints_its_map_and_resumes_after_sigkill(
-    coco182, city_root, env, tmp_path):
-  """The 182-class model onto the 19 Cityscapes classes by name; killed
-  after a checkpoint, the same command resumes from the run's own one."""
-  wd = tmp_path / "finetune"
+@pytest.fixture(scope="module")
+def finetuned(coco182, city_root, env, tmp_path_factory):
+  """The 182-class model onto the 19 Cityscapes classes by name, SIGKILLed
+  after a checkpoint, then the same command again: -> (workdir, the killed
+  run's stdout, the steps saved when it was killed, the last step it
+  logged, the second run)."""
+  wd = tmp_path_factory.mktemp("finetune") / "workdir"
   cmd = [sys.executable, str(ROOT / "train.py"), "--config",
          str(ROOT / "configs/seg_f4.py:cityscapes,tiny"), "--workdir", str(wd),
          f"--config.init_from={coco182}", f"--config.data.root={city_root}",
          "--config.train.steps=40", "--config.train.checkpoint_every=5",
          "--config.train.warmup_steps=10", "--config.train.sample_every=0"]
-  with open(tmp_path / "out1", "w") as out:
+  with open(wd.parent / "out1", "w") as out:
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.PIPE)
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
@@ -378,8 +380,15 @@ def test_cityscapes_fine_tune_prints_its_map_and_resumes_after_sigkill(
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at, saved = _rows(wd)[-1]["step"], _steps(wd)
+  again = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                         timeout=600)
+  return wd, (wd.parent / "out1").read_text(), saved, killed_at, again
+
+
+def test_cityscapes_fine_tune_prints_its_map_and_resumes_after_sigkill(
+    coco182, finetuned):
+  wd, printed, saved, killed_at, r = finetuned
   assert saved[-1] < killed_at < 40
-  printed = (tmp_path / "out1").read_text()
   assert printed.startswith(f"init_from {coco182}: converted workdir, step 0, "
                             "EMA UNet weights")
   assert "17 of 19 matched" in printed
@@ -390,7 +399,6 @@ def test_cityscapes_fine_tune_prints_its_map_and_resumes_after_sigkill(
   assert "    pole: no class of that name" in printed
   assert "    traffic sign: 'street sign' is a coco-stuff class" in printed
 
-  r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.startswith(f"init_from: {wd} has checkpoints: resuming from "
                              "them as any run does; init_from=")
@@ -400,7 +408,76 @@ def test_cityscapes_fine_tune_prints_its_map_and_resumes_after_sigkill(
   assert [row["step"] for row in rows] == list(range(1, 41))
   assert all(np.isfinite(row["loss"]) for row in rows)
   assert rows[0]["lr"] == pytest.approx(0.0) and rows[10]["lr"] > rows[4]["lr"]
-  saved = json.loads((wd / "config.json").read_text())
-  assert saved["init_from_taken"]["class_map"]["matched"] == 17
-  assert saved["model"]["params"]["cond_stage_config"]["params"]["in_channels"] == 19
+  config = json.loads((wd / "config.json").read_text())
+  assert config["init_from_taken"]["class_map"]["matched"] == 17
+  assert config["model"]["params"]["cond_stage_config"]["params"]["in_channels"] == 19
   assert store.restore_meta(wd, 40)["frozen"] == []
+
+
+def test_a_workdir_trained_here_is_a_source_too(finetuned, capsys):
+  """The fine-tuned Cityscapes run onto ADE20K's 150 classes, by name."""
+  wd = finetuned[0]
+  config = _adopted(wd, "ade20k,tiny")
+  assert "init_from " + str(wd) + ": workdir, step 40, EMA UNet weights" in (
+      capsys.readouterr().out)
+  state, _ = _start(config)
+  theirs = jax.device_get(store.restore_params(
+      wd, build.build_model(run_config.load(wd).model))[0])
+  ade_names = class_names.class_set({"num_classes": 150}).names
+  city_names = class_names.class_set({"num_classes": 19,
+                                      "dataset": "cityscapes"}).names
+  new = np.asarray(state.params["cond_stage"]["channel_mapper"]["kernel"])
+  old = theirs["cond_stage"]["channel_mapper"]["kernel"]
+  for a, c in (("road", "road"), ("sky", "sky"), ("pole", "pole"),
+               ("traffic", "traffic light"), ("tree", "vegetation")):
+    np.testing.assert_array_equal(new[ade_names.index(a)],
+                                  old[city_names.index(c)])
+  np.testing.assert_array_equal(new[ade_names.index("bed")],
+                                old.astype(np.float64).mean(0).astype(np.float32))
+  assert all(np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(state.params["unet"]), jax.tree.leaves(theirs["unet"])))
+
+
+def test_a_source_without_ema_gives_its_live_weights(coco182, tmp_path, capsys):
+  live = _source_params(coco182, False)
+  noema = store.save_converted_workdir(
+      tmp_path / "noema", {"model": run_config.load(coco182).model.to_dict(),
+                           "first_stage": {"checkpoint": str(coco182 / "first_stage")}},
+      7, live, None, {"global_step": 7})
+  config = _adopted(noema)
+  assert (f"init_from {noema}: converted workdir, step 7, live UNet weights (it "
+          f"saved no EMA), first stage {coco182 / 'first_stage'}") in (
+              capsys.readouterr().out)
+  state, _ = _start(config)
+  assert all(np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(state.params["unet"]), jax.tree.leaves(live["unet"])))
+
+
+def test_a_unet_model_directory(tmp_path, capsys):
+  """A converted UNet alone: its UNet; the rescaler and first stage are the
+  config's, as in a new run."""
+  import convert_torch_ckpt  # pylint: disable=g-import-not-at-top
+  fixtures = ROOT / "tests" / "fixtures"
+  for name in ("unet_tiny", "rescaler"):
+    assert convert_torch_ckpt.main([
+        str(fixtures / f"{name}.ckpt"), "--config",
+        str(fixtures / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
+  capsys.readouterr()
+  config = _adopted(tmp_path / "unet_tiny", "tiny", data__source="synthetic",
+                    data__num_classes=7, first_stage__allow_random_init=True)
+  assert capsys.readouterr().out.startswith(
+      f"init_from {tmp_path / 'unet_tiny'}: UNet model directory, its UNet "
+      "weights; the rescaler starts from random weights")
+  assert list(config.model.params.unet_config.params.channel_mult) == [1, 2]
+  state, optimizer = _start(config)
+  _, unet, _ = store.load_model_dir(tmp_path / "unet_tiny")
+  assert all(np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(state.params["unet"]), jax.tree.leaves(unet)))
+  fresh = ldm_step.fresh_state_fn(build.build_model(config.model), optimizer)(
+      jax.random.fold_in(jax.random.key(config.seed), -1 % 2**31))
+  np.testing.assert_array_equal(
+      state.params["cond_stage"]["channel_mapper"]["kernel"],
+      fresh.params["cond_stage"]["channel_mapper"]["kernel"])
+  with pytest.raises(errors.ConfigError, match="a model directory holding a "
+                     "ldm.modules.encoders.modules.SpatialRescaler alone"):
+    _adopted(tmp_path / "rescaler", "tiny", data__source="synthetic")

@@ -11,6 +11,12 @@ sets a different value (`--config.model...`) is refused naming the key.
 The rescaler's rows are mapped to the new classes (`class_map`). What was
 taken is printed and kept in config.json (`init_from_taken`).
 
+DIR may also be a model directory holding a UNet alone (a converted
+UNet checkpoint): its UNet (architecture and weights) is taken, and the
+rest is the config's, as in a new run: the rescaler starts from random
+weights (there are no rows to map) and the first stage is
+first_stage.checkpoint.
+
 `initial_state` then builds the train state born sharded: DIR's UNet (its
 EMA weights by default, the live ones with init_from_ema=False) read
 straight into the run's shardings, the mapped rescaler, an EMA equal to
@@ -49,16 +55,19 @@ _FOLLOW_DATA = ("model." + CLASSES_KEY, "model.params.image_size",
                 "model.params.channels")
 
 
+UNET_DIR = "UNet model directory"
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
   """A model to start from, as far as its files tell without weights."""
   path: pathlib.Path
-  kind: str                 # "workdir" | "converted workdir"
-  step: int                 # its newest checkpoint
-  model: dict               # its LDM node
-  first_stage: pathlib.Path  # its frozen VQ's model directory
+  kind: str                 # "workdir" | "converted workdir" | UNET_DIR
+  step: int | None          # its newest checkpoint (None: a model directory)
+  model: dict               # its LDM node (a UNet directory: its UNet node)
+  first_stage: pathlib.Path | None  # its frozen VQ's model directory
   has_ema: bool
-  classes: class_names.ClassSet
+  classes: class_names.ClassSet | None
 
 
 def _steps(workdir: pathlib.Path) -> list[int]:
@@ -71,19 +80,24 @@ def _not_a_source(given: str, why: str) -> errors.ConfigError:
   return errors.ConfigError(
       f"init_from={given}: {why}; init_from takes a workdir (config.json and "
       f"{workdir_files.CHECKPOINTS_DIR}/STEP/, from train.py or "
-      "convert_torch_ckpt.py)")
+      "convert_torch_ckpt.py) or a UNet's model directory")
 
 
-def _model_dir_error(given: str, path: pathlib.Path) -> errors.ConfigError:
+def _model_dir(given: str, path: pathlib.Path) -> Source:
+  """A model directory: a UNet is a source, anything else one line."""
   try:
-    target = build.load_model_config(path / workdir_files.MODEL_FILE).get("target")
-  except errors.UserError:
-    target = "model"
+    node = store.check_model_dir(path)
+  except (errors.UserError, OSError, ValueError) as e:
+    raise _not_a_source(given, f"an unreadable model directory ({e})") from None
+  target = node.get("target")
+  if target == build.UNET_TARGET:
+    return Source(path=path, kind=UNET_DIR, step=None, model=node,
+                  first_stage=None, has_ema=False, classes=None)
   if target in build.VQ_TARGETS:
-    return _not_a_source(given, "a model directory holding a first stage (VQ), "
-                         "not a latent diffusion model: pass it as "
-                         "--config.first_stage.checkpoint")
-  return _not_a_source(given, f"a model directory holding a {target} alone")
+    raise _not_a_source(given, "a model directory holding a first stage (VQ), "
+                        "not a latent diffusion model: pass it as "
+                        "--config.first_stage.checkpoint")
+  raise _not_a_source(given, f"a model directory holding a {target} alone")
 
 
 def _first_stage_of(path: pathlib.Path, config: Mapping[str, Any],
@@ -118,7 +132,7 @@ def open_source(given: str) -> Source:
   if not path.is_dir():
     raise _not_a_source(given, "no such directory")
   if (path / workdir_files.MODEL_FILE).is_file():
-    raise _model_dir_error(given, path)
+    return _model_dir(given, path)
   steps = _steps(path)
   if not (path / workdir_files.CONFIG_FILE).is_file() or not steps:
     raise _not_a_source(given, "neither a workdir nor a model directory")
@@ -137,10 +151,22 @@ def open_source(given: str) -> Source:
                 classes=_source_classes(config, model))
 
 
-def _check_overrides(source: Source, overrides: Mapping[str, Any]) -> None:
+def _full_model(config, source: Source) -> dict:
+  """The LDM node the source stands for: a workdir's own; for a UNet
+  directory, the config's with the directory's UNet."""
+  if source.kind != UNET_DIR:
+    return source.model
+  model = config.model.to_dict()
+  model["params"]["unet_config"] = copy.deepcopy(source.model)
+  return model
+
+
+def _check_overrides(config, source: Source, overrides: Mapping[str, Any]
+                     ) -> None:
   """A command-line model key that differs from DIR's is refused by name."""
+  full = {"model": _full_model(config, source)}
   for key, value in overrides.items():
-    if key == "first_stage.checkpoint" and value:
+    if key == "first_stage.checkpoint" and value and source.first_stage:
       p = pathlib.Path(value).expanduser().absolute()
       if p != source.first_stage:
         raise errors.ConfigError(
@@ -149,7 +175,7 @@ def _check_overrides(source: Source, overrides: Mapping[str, Any]) -> None:
             "which its UNet was trained on: drop the override")
     if not key.startswith("model.") or key in _FOLLOW_DATA:
       continue
-    old = run_config.get_key({"model": source.model}, key)
+    old = run_config.get_key(full, key)
     if old is run_config.MISSING:
       continue  # not in DIR's node: set here, then checked tensor by tensor
     if formatting.plain(old) != formatting.plain(value):
@@ -162,9 +188,10 @@ def _check_overrides(source: Source, overrides: Mapping[str, Any]) -> None:
 
 
 def _adopted_model(config, source: Source, overrides: Mapping[str, Any]) -> dict:
-  """DIR's LDM node with data.num_classes classes; scale_by_std is off (the
-  UNet was trained on latents scaled by DIR's scale_factor, which stays)."""
-  model = {"model": copy.deepcopy(source.model)}
+  """DIR's LDM node with data.num_classes classes. From a workdir,
+  scale_by_std is off: its UNet was trained on latents scaled by its
+  scale_factor, which stays."""
+  model = {"model": copy.deepcopy(_full_model(config, source))}
   for key, value in overrides.items():
     if key.startswith("model.") and run_config.get_key(
         model, key) is run_config.MISSING and key not in _FOLLOW_DATA:
@@ -176,24 +203,33 @@ def _adopted_model(config, source: Source, overrides: Mapping[str, Any]) -> dict
   params = model["model"]["params"]
   params["cond_stage_config"]["params"]["in_channels"] = int(
       config.data.num_classes)
-  params["scale_by_std"] = False
+  if source.kind != UNET_DIR:
+    params["scale_by_std"] = False
   return model["model"]
 
 
-def _check_tensors(source: Source, model: Mapping[str, Any], use_ema: bool) -> None:
-  """DIR's saved tensors are its config's, and this run's networks differ
-  from them in the rescaler's class count at most."""
-  source_shapes = saved_shapes.ldm_param_shapes(build.build_model(source.model))
+def _source_shapes(source: Source, use_ema: bool) -> dict:
+  """DIR's tensors, checked against the files (metadata only)."""
+  if source.kind == UNET_DIR:  # store.check_model_dir checked its params/
+    return {"unet": build.param_shapes(build.build_model(source.model))}
+  shapes = saved_shapes.ldm_param_shapes(build.build_model(source.model))
   try:
-    saved_shapes.check_saved_params(source.path, source.step, source_shapes,
+    saved_shapes.check_saved_params(source.path, source.step, shapes,
                                     use_ema=use_ema)
   except errors.CheckpointMismatchError as e:
     raise errors.CheckpointMismatchError(
         f"init_from: {e}; its {workdir_files.CONFIG_FILE} does not describe "
         "these weights") from None
+  return shapes
+
+
+def _check_tensors(source: Source, model: Mapping[str, Any], use_ema: bool) -> None:
+  """DIR's saved tensors are its config's, and this run's networks differ
+  from them in the rescaler's class count at most."""
   ours = saved_shapes.leaf_shapes(saved_shapes.ldm_param_shapes(
       build.build_model(model)))
-  for path, shape in saved_shapes.leaf_shapes(source_shapes).items():
+  for path, shape in saved_shapes.leaf_shapes(
+      _source_shapes(source, use_ema)).items():
     mine = ours.get(path)
     rows = path == "cond_stage/channel_mapper/kernel"
     if mine is None or (mine[1:] != shape[1:] if rows else mine != shape):
@@ -213,14 +249,45 @@ def _say(text: str) -> None:
 def _resume_own(config, workdir: pathlib.Path) -> None:
   """The workdir's own architecture and record, DIR unread."""
   saved = run_config.load(workdir)
+  first = saved.get("first_stage", {})
   with config.unlocked():
     config.model = mlc.ConfigDict(saved.model.to_dict())
-    config.first_stage.checkpoint = saved.first_stage.checkpoint
-    config.first_stage.train_steps = 0
+    config.first_stage.checkpoint = first.get("checkpoint", "")
+    config.first_stage.train_steps = first.get("train_steps", 0)
     if "init_from_taken" in saved:
       config.init_from_taken = saved.init_from_taken.to_dict()
   _say(f"init_from: {workdir} has checkpoints: resuming from them as any run "
        f"does; init_from={config.init_from} is not read again")
+
+
+def _class_map(config, source: Source) -> class_map.ClassMap:
+  new = class_names.class_set(config.data)
+  if source.kind == UNET_DIR:  # no rows to map
+    return class_map.ClassMap("none", new, class_names.ClassSet(
+        "a UNet alone", 0, None), None, ())
+  return class_map.resolve(config.get("init_class_map", "by_name"), new,
+                           source.classes)
+
+
+def _taken(config, source: Source, model: dict, cmap) -> tuple[dict, str]:
+  """-> (what config.json keeps, the line printed)."""
+  asked = bool(config.get("init_from_ema", True))
+  use_ema = asked and source.has_ema
+  taken = {"dir": str(source.path), "kind": source.kind, "step": source.step,
+           "unet": "ema" if use_ema else "live",
+           "first_stage": str(source.first_stage or config.first_stage.checkpoint),
+           "scale_factor": model["params"].get("scale_factor", 1.0),
+           "class_map": cmap.record()}
+  if source.kind == UNET_DIR:
+    return taken, (f"init_from {source.path}: {source.kind}, its UNet weights; "
+                   "the rescaler starts from random weights and the first "
+                   "stage is first_stage.checkpoint, as in a new run; this run "
+                   "starts at step 0 with a fresh optimiser")
+  unet = ("EMA" if use_ema else "live") + " UNet weights" + (
+      " (it saved no EMA)" if asked and not source.has_ema else "")
+  return taken, (f"init_from {source.path}: {source.kind}, step {source.step}, "
+                 f"{unet}, first stage {source.first_stage}; this run starts "
+                 f"at step 0 with a fresh optimiser\n{cmap.summary()}")
 
 
 def adopt(config: mlc.ConfigDict, workdir: str | pathlib.Path,
@@ -242,28 +309,17 @@ def adopt(config: mlc.ConfigDict, workdir: str | pathlib.Path,
     return
   source = open_source(config.init_from)
   overrides = dict(overrides or {})
-  _check_overrides(source, overrides)
+  _check_overrides(config, source, overrides)
   model = _adopted_model(config, source, overrides)
-  use_ema = bool(config.get("init_from_ema", True)) and source.has_ema
-  _check_tensors(source, model, use_ema)
-  cmap = class_map.resolve(config.get("init_class_map", "by_name"),
-                           class_names.class_set(config.data), source.classes)
-  unet = ("EMA" if use_ema else "live") + " UNet weights" + (
-      " (it saved no EMA)" if config.get("init_from_ema", True)
-      and not source.has_ema else "")
-  taken = {"dir": str(source.path), "kind": source.kind, "step": source.step,
-           "unet": "ema" if use_ema else "live",
-           "first_stage": str(source.first_stage),
-           "scale_factor": model["params"].get("scale_factor", 1.0),
-           "class_map": cmap.record()}
+  _check_tensors(source, model, bool(config.get("init_from_ema", True)))
+  taken, text = _taken(config, source, model, _class_map(config, source))
   with config.unlocked():
     config.model = mlc.ConfigDict(model)
-    config.first_stage.checkpoint = str(source.first_stage)
-    config.first_stage.train_steps = 0
+    if source.first_stage is not None:
+      config.first_stage.checkpoint = str(source.first_stage)
+      config.first_stage.train_steps = 0
     config.init_from_taken = taken
-  _say(f"init_from {source.path}: {source.kind}, step {source.step}, {unet}, "
-       f"first stage {source.first_stage}; this run starts at step 0 with a "
-       f"fresh optimiser\n{cmap.summary()}")
+  _say(text)
 
 
 def _fresh_key(config) -> jax.Array:
@@ -272,18 +328,16 @@ def _fresh_key(config) -> jax.Array:
   return jax.random.split(key)[1]
 
 
-def initial_state(config: mlc.ConfigDict, optimizer, shardings
-                  ) -> ldm_step.TrainState:
-  """The fine-tune's step-0 state (module docstring), placed in
-  `shardings` as it is made: the UNet is read straight into its shards,
-  the small rescaler replicated, then mapped on the host."""
+def _workdir_weights(config, shardings) -> tuple[Any, Any]:
+  """-> (UNet in its shardings, mapped rescaler on the host, or None for a
+  new run's): the UNet read straight into its shards, the small rescaler
+  replicated."""
   taken = config.init_from_taken
   cmap = taken.class_map
-  source_node = config.model.to_dict()
-  source_node["params"]["cond_stage_config"]["params"]["in_channels"] = int(
+  node = config.model.to_dict()
+  node["params"]["cond_stage_config"]["params"]["in_channels"] = int(
       cmap.source_classes)
-  source = build.build_model(source_node)
-  target = build.build_model(config.model)
+  source = build.build_model(node)
   mesh = jax.tree.leaves(shardings.params)[0].mesh
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   shapes = saved_shapes.ldm_param_shapes(source)
@@ -291,19 +345,32 @@ def initial_state(config: mlc.ConfigDict, optimizer, shardings
       taken.dir, source, step=int(taken.step), use_ema=taken.unet == "ema",
       shardings={"unet": shardings.params["unet"],
                  "cond_stage": jax.tree.map(lambda _: repl, shapes["cond_stage"])})
+  if cmap.rows is None:
+    return params["unet"], None
   rescaler = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
                           params["cond_stage"])
-  if cmap.rows is None:
-    rescaler = None  # a new run's, made below
-  elif "channel_mapper" in rescaler:
+  if "channel_mapper" in rescaler:
     rescaler["channel_mapper"]["kernel"] = class_map.map_rows(
         rescaler["channel_mapper"]["kernel"], cmap.rows, cmap.mean_excludes)
+  return params["unet"], rescaler
+
+
+def initial_state(config: mlc.ConfigDict, optimizer, shardings
+                  ) -> ldm_step.TrainState:
+  """The fine-tune's step-0 state (module docstring), placed in
+  `shardings` as it is made."""
+  if config.init_from_taken.kind == UNET_DIR:  # a small directory: via host
+    _, unet, _ = store.load_model_dir(config.init_from_taken.dir)
+    unet, rescaler = jax.device_put(unet, shardings.params["unet"]), None
+  else:
+    unet, rescaler = _workdir_weights(config, shardings)
+  target = build.build_model(config.model)
   key = _fresh_key(config)
 
   def make(unet, rescaler):
-    if rescaler is None:
+    if rescaler is None:  # a new run's
       rescaler = build.init_params(target.cond_stage, key)
     return ldm_step.init_state({"unet": unet, "cond_stage": rescaler}, optimizer)
 
   return jax.jit(make, out_shardings=shardings, donate_argnums=(0,))(
-      params["unet"], rescaler)
+      unet, rescaler)
