@@ -178,7 +178,8 @@ def restore_params(workdir: str | pathlib.Path, ldm, step: int | None = None,
       raise CheckpointNotFoundError(
           f"{workdir}: no checkpoint under {CHECKPOINTS_DIR}/; train one with "
           "train.py or convert one with convert_torch_ckpt.py")
-    # Onto this process's first device, whatever mesh wrote the checkpoint.
+    # Onto `shardings` (default: this process's first device), whatever mesh
+    # wrote the checkpoint.
     import jax  # pylint: disable=g-import-not-at-top
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = saved_shapes.ldm_param_shapes(ldm)
