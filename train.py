@@ -30,6 +30,7 @@ from segldm_jax.runtime import distributed
 from segldm_jax.runtime import sharding
 from segldm_jax.runtime import xla_cpu
 from segldm_jax.training import first_stage_setup
+from segldm_jax.training import init_from
 from segldm_jax.training import ldm_step
 from segldm_jax.training import loop
 from segldm_jax.training import metrics as metrics_lib
@@ -97,6 +98,8 @@ def main(argv):
   #                           Logging and workdir                         #
   # ===================================================================== #
   is_main = jax.process_index() == 0
+  # --config.init_from (issue 25): DIR's networks and first stage, before the checks.
+  init_from.adopt(config, workdir, config_flags.get_override_values(FLAGS["config"]))
   start = startup.preflight(config, workdir)  # config, mesh, workdir, resume
 
   # ===================================================================== #

@@ -293,6 +293,15 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # survivors are not held for jax's default (100 s) before a restart.
   c.parallel.heartbeat_timeout_s = 60
 
+  # --- fine-tuning (README: "Fine-tune the released model on your dataset")
+  c.init_from = ""                  # a workdir to start from (only read)
+  c.init_from_ema = True            # its EMA UNet weights; False: the live ones
+  c.init_class_map = "by_name"      # by_name | none | FILE.json {new: old}
+  c.data.class_names = ""           # a file: one class name per line
+  # Parameters trained: a regex over paths (unet/..., cond_stage/...) or a
+  # preset: all | rescaler | rescaler_unet_ends (training/trainable.py).
+  c.train.trainable = "all"
+
   if dataset in DATASETS:
     c.data.dataset = dataset
     c.data.update(DATASETS[dataset])

@@ -277,7 +277,7 @@ def test_saved_optimizer_state_of_another_optimizer(workdir16):
   assert str(e.value) == (
       f"{wd}: checkpoints/400 opt_state/1/0/count is not saved; the config "
       "builds () (set by train.grad_clip_norm, train.lr_schedule, "
-      "train.warmup_steps)")
+      "train.warmup_steps, train.trainable)")
 
 
 def test_matching_workdir_passes_every_check(workdir16):

@@ -69,7 +69,8 @@ def _config_keys_for(item: str, path: str) -> str:
   if "unet" in parts:
     return "model.params.unet_config.params"
   if item == "opt_state":  # optax's state layout follows the optimiser chain
-    return "train.grad_clip_norm, train.lr_schedule, train.warmup_steps"
+    return ("train.grad_clip_norm, train.lr_schedule, train.warmup_steps, "
+            "train.trainable")
   return ""
 
 
@@ -89,6 +90,16 @@ def check_saved_item(item_dir: pathlib.Path, target: Any, label: str) -> None:
   raise CheckpointMismatchError(
       f"{label} {item_dir.name}/{path} {problem}"
       + (f" (set by {keys})" if keys else ""))
+
+
+def stateless_params(params: Any, opt_state: Any) -> list[str]:
+  """The paths of `params` that no leaf of `opt_state` is kept for (optax
+  names a moment by the parameter's path: 'mu/unet/...'): the frozen ones."""
+  kept = set()
+  for path in leaf_shapes(opt_state):
+    parts = path.split("/")
+    kept.update("/".join(parts[i:]) for i in range(len(parts)))
+  return [p for p in leaf_shapes(params) if p not in kept]
 
 
 def ldm_param_shapes(ldm) -> dict:

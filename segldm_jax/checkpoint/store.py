@@ -164,11 +164,13 @@ def save_converted_workdir(workdir: str | pathlib.Path, config: Mapping[str, Any
 
 
 def restore_params(workdir: str | pathlib.Path, ldm, step: int | None = None,
-                   use_ema: bool = True):
+                   use_ema: bool = True, shardings: Any = None):
   """-> (params {unet, cond_stage}, step) from the newest (or given) step.
 
   With `use_ema` the UNet weights come from `ema_params` when saved (the
-  rescaler has no EMA, as in the reference).
+  rescaler has no EMA, as in the reference). `shardings` ({unet,
+  cond_stage} trees of shardings) places the arrays as they are read;
+  default: this process's first device.
   """
   with checkpoint_manager(workdir) as mgr:
     step = mgr.latest_step() if step is None else step
@@ -176,12 +178,16 @@ def restore_params(workdir: str | pathlib.Path, ldm, step: int | None = None,
       raise CheckpointNotFoundError(
           f"{workdir}: no checkpoint under {CHECKPOINTS_DIR}/; train one with "
           "train.py or convert one with convert_torch_ckpt.py")
-    # Onto this process's first device, whatever mesh wrote the checkpoint.
+    # Onto `shardings` (default: this process's first device), whatever mesh
+    # wrote the checkpoint.
     import jax  # pylint: disable=g-import-not-at-top
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = saved_shapes.ldm_param_shapes(ldm)
+    if shardings is None:
+      shardings = jax.tree.map(lambda _: here, abstract)
     shapes = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
-        saved_shapes.ldm_param_shapes(ldm))
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, shardings)
     items = {"params": ocp.args.StandardRestore(shapes)}
     if use_ema and has_ema(workdir, step):
       items["ema_params"] = ocp.args.StandardRestore({"unet": shapes["unet"]})
@@ -289,7 +295,8 @@ def resume_step(mgr: ocp.CheckpointManager) -> int | None:
 
 def save_train_state(mgr: ocp.CheckpointManager, step: int, state,
                      force: bool = False) -> None:
-  """Saves state as params / ema_params / opt_state / meta items.
+  """Saves state as params / ema_params / opt_state / meta items; meta's
+  "frozen" lists the parameters without optimiser state (train.trainable).
 
   The split keeps converted workdirs and training workdirs one format:
   sample.py reads params and ema_params from either.
@@ -307,7 +314,9 @@ def save_train_state(mgr: ocp.CheckpointManager, step: int, state,
       opt_state=ocp.args.StandardSave(state.opt_state),
       meta=ocp.args.JsonSave({"step": step,
                               "ema_updates": int(state.ema_updates),
-                              "skipped": int(state.skipped)}),
+                              "skipped": int(state.skipped),
+                              "frozen": saved_shapes.stateless_params(
+                                  state.params, state.opt_state)}),
       **{MANIFEST_ITEM: ocp.args.JsonSave(hashes)}))
 
 

@@ -21,6 +21,7 @@ from segldm_jax.diffusion import objective
 from segldm_jax.models import build
 from segldm_jax.models import unet as unet_lib
 from segldm_jax.models.ldm import LatentDiffusion
+from segldm_jax.training import trainable
 
 Params = Any
 
@@ -87,7 +88,8 @@ def make_optimizer(train_cfg: Mapping[str, Any]) -> optax.GradientTransformation
                            b2=train_cfg.get("adam_b2", 0.999),
                            eps=train_cfg.get("adam_eps", 1e-8),
                            weight_decay=train_cfg.get("weight_decay", 0.01)))
-  return optax.chain(*parts)
+  # train.trainable (issue 25): frozen parameters get no optimiser state.
+  return trainable.wrap_optimizer(optax.chain(*parts), train_cfg)
 
 
 def init_state(params: Params, optimizer: optax.GradientTransformation,
@@ -184,6 +186,7 @@ class _StepParts:
           ldm, unet=ldm.unet.clone(dtype=self.compute_dtype, remat=remat))
     self.ldm = ldm
     self.optimizer = optimizer
+    self.train_cfg = train_cfg  # train.trainable: what keep_frozen keeps
     self.mask_stages = mask_stages
     self.schedule = ldm.schedule()
     self.accum = int(train_cfg.get("grad_accum", 1))
@@ -283,6 +286,8 @@ class _StepParts:
     decay = ema_decay(n, self.max_decay)
     ema = {"unet": jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p),
                                 state.ema["unet"], params["unet"])}
+    # train.trainable (issue 25): frozen parameters and their EMA stay as they were.
+    params, ema = trainable.keep_frozen(self.train_cfg, state, params, ema)
     new = state.replace(step=state.step + 1, params=params, ema=ema,
                         opt_state=opt_state, ema_updates=n)
     return new, decay

@@ -27,6 +27,7 @@ from segldm_jax.models import build
 from segldm_jax.runtime import compilation_cache
 from segldm_jax.runtime import peers
 from segldm_jax.runtime import sharding
+from segldm_jax.training import init_from
 from segldm_jax.training import ldm_step
 
 
@@ -117,6 +118,8 @@ def initial_state(start: Start, config: mlc.ConfigDict, workdir: pathlib.Path,
 
   Runs before the data stream is built, which starts at the step restored.
   """
+  if not start.resuming and config.get("init_from_taken"):  # issue 25
+    return init_from.initial_state(config, start.optimizer, shardings), start
   if not start.resuming:
     init = ldm_step.fresh_state_fn(build.build_model(config.model),
                                        start.optimizer)
