@@ -6,8 +6,8 @@ like the run's source (its palette, ignore label and remap). A painted mask
 names its palette (`palette=`: a label set of `palette.named`, e.g.
 "coco-stuff", or a palette file) and is then in class-id space: colours snap
 to the nearest palette colour within `palette_tolerance`, and blended edges
-take their neighbours' ids (`labels.LabelSpec.colours_to_values`). 255
-always means "don't care", since it is never a class id.
+take their regions' ids (`palette.read_painted`). 255 always means "don't
+care", since it is never a class id.
 
 Masks keep their aspect ratio: sides must be multiples of the model's
 `step_px` (first stage factor x the UNet's and the mask's halvings), or be
