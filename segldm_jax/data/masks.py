@@ -132,14 +132,25 @@ def size_masks(names: list[str], labels: list[np.ndarray], step: int,
   return np.stack(out)
 
 
+def check_aspect(photo_shape: tuple[int, int], shape: tuple[int, int],
+                 name: str) -> None:
+  """A photo of (h, w) fits a label map of `shape` up to 2% of aspect."""
+  h, w = photo_shape
+  if abs(h / w - shape[0] / shape[1]) > 0.02 * shape[0] / shape[1]:
+    raise DataError(f"{name} is {h}x{w} but its label map is "
+                    f"{shape[0]}x{shape[1]}: the aspect ratios differ")
+
+
+def fit_photo(photo: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+  """uint8 (h, w, 3) resized (bicubic) to `shape` = (height, width)."""
+  return np.asarray(Image.fromarray(photo).resize(shape[::-1], Image.BICUBIC))
+
+
 def read_photo(path: pathlib.Path, shape: tuple[int, int]) -> np.ndarray:
   """A photo resized to its label map's (height, width): (H, W, 3) uint8."""
   photo = folder.read_image(str(path))
-  h, w = photo.shape[:2]
-  if abs(h / w - shape[0] / shape[1]) > 0.02 * shape[0] / shape[1]:
-    raise DataError(f"{path} is {h}x{w} but its label map is "
-                    f"{shape[0]}x{shape[1]}: the aspect ratios differ")
-  return np.asarray(Image.fromarray(photo).resize(shape[::-1], Image.BICUBIC))
+  check_aspect(photo.shape[:2], shape, str(path))
+  return fit_photo(photo, shape)
 
 
 def dataset_masks(data_config: Any, size: int, count: int, seed: int
