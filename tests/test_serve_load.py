@@ -45,9 +45,11 @@ def _labels_peak_mb(url: str, pid: int, mask: bytes, senders: int) -> float:
   return (probe.memory_kb(pid)["peak"] - before) / 1024
 
 
-def test_four_concurrent_large_uploads_hold_what_one_holds(ldm_tiny_workdir):
+def test_four_concurrent_large_uploads_decode_one_at_a_time(ldm_tiny_workdir):
   """With --max_pixels 4096^2, /api/labels of a 4096 x 4096 map: decoding
-  and answering take ~100 MB; four at once take their turns."""
+  and answering take ~100 MB; four at once decode in turn. What overlaps
+  is the answers already made (22 MB of base64 each) while they are sent:
+  1.4-1.8x one here, depending on how fast the clients read."""
   mask = probe.streamed_png(4096, 4096, value=2)
   with headless.serve(ldm_tiny_workdir, "--warmup_count", "0",
                       "--max_pixels", str(4096 * 4096),
@@ -55,6 +57,5 @@ def test_four_concurrent_large_uploads_hold_what_one_holds(ldm_tiny_workdir):
     one = _labels_peak_mb(served.url, served.pid, mask, 1)
     four = _labels_peak_mb(served.url, served.pid, mask, 4)
   assert one > 50, one
-  # the answers already made wait to be sent while the next decodes; with
-  # the decoding outside the lane four took 3.7x one (362 MB, 97 MB)
-  assert four < 1.6 * one, (one, four)
+  # with the decoding outside the lane, four took 3.7x one (362, 97 MB)
+  assert four < 2.5 * one, (one, four)
