@@ -1,7 +1,7 @@
 r"""serve.py under a bounded mix of normal and hostile requests (issue 26).
 
   python benchmarks/serve_load.py [--workdir W] [--requests 300]
-      [--concurrency 4] [--seed 0]
+      [--concurrency 4] [--seed 0] [--new_programs K --max_programs M]
 
 Starts `serve.py` on 127.0.0.1 (the converted ldm_tiny fixture unless
 --workdir is given; its defaults: --max_queue 4, --max_pixels 4x the
@@ -14,8 +14,11 @@ another site's POST, a foreign Host, impossible steps, file names "..",
 with a NUL or 300 characters, a float TIFF, a grey WebP, a truncated PNG,
 an empty file, a missing field, a body claiming a gigabyte). Checks that
 every normal request got its answer (the same pixels), that no request got
-a 500, and the server's RSS (VmRSS, peak VmHWM) before and after. Prints
-one JSON line.
+a 500, and the server's RSS (VmRSS, peak VmHWM) before and after; before
+the mix, each hostile request alone: its status, milliseconds and the
+server's peak RSS growth. With --new_programs K, then K generate requests
+that each need a program of their own (DDIM 10, 11, ... steps), the
+server keeping --max_programs: its RSS after each. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -162,6 +165,15 @@ def run_load(url: str, pid: int, requests: int, concurrency: int,
       status, body = kind.send(url)
       assert status == 200, (kind.name, status, body)
       expected[kind.name] = _answer(body)
+  alone = {}
+  for kind in kinds:  # each hostile request alone: its time and memory
+    if kind.hostile:
+      probe.reset_peak(pid)
+      before, t0 = probe.memory_kb(pid)["rss"], time.monotonic()
+      status, _ = kind.send(url)
+      alone[kind.name] = [status, round(1000 * (time.monotonic() - t0)),
+                          round((probe.memory_kb(pid)["peak"] - before)
+                                / 1024, 1)]
   rng = random.Random(seed)
   order = [rng.choice(kinds) for _ in range(requests)]
   start_mem = probe.memory_kb(pid)
@@ -199,7 +211,22 @@ def run_load(url: str, pid: int, requests: int, concurrency: int,
       "rss_peak_mb": round(end_mem["peak"] / 1024, 1),
       "rss_end_mb": round(end_mem["rss"] / 1024, 1),
       "programs": programs,
+      "alone_status_ms_peak_mb": alone,
   }
+
+
+def new_programs(url: str, pid: int, count: int) -> list[float]:
+  """RSS (MB) of the server after each of `count` requests that compile a
+  program of their own."""
+  mask = probe.encoded(_two_regions())
+  rss = []
+  for steps in range(10, 10 + count):
+    status, body = probe.post(url, "/api/generate", {
+        "mask": ("m.png", mask), "sampler": "ddim", "steps": str(steps),
+        "count": "1"})
+    assert status == 200, body
+    rss.append(round(probe.memory_kb(pid)["rss"] / 1024, 1))
+  return rss
 
 
 def main() -> None:
@@ -208,15 +235,23 @@ def main() -> None:
   ap.add_argument("--requests", type=int, default=300)
   ap.add_argument("--concurrency", type=int, default=4)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--new_programs", type=int, default=0)
+  ap.add_argument("--max_programs", type=int, default=8)
   args = ap.parse_args()
   if args.requests > 1000:
     ap.error("--requests: at most 1000 (a bounded test, not a flood)")
   with contextlib.ExitStack() as stack:
     workdir = args.workdir or stack.enter_context(tiny_workdir())
-    served = stack.enter_context(headless.serve(workdir, "--warmup_count",
-                                                "0"))
+    served = stack.enter_context(headless.serve(
+        workdir, "--warmup_count", "0", "--max_programs",
+        str(args.max_programs)))
     summary = run_load(served.url, served.pid, args.requests,
                        args.concurrency, args.seed)
+    if args.new_programs:
+      summary["new_programs_rss_mb"] = new_programs(
+          served.url, served.pid, args.new_programs)
+      summary["programs"] = probe.request(served.url, "GET", "/api/status"
+                                          )[1]["programs"]
   print(json.dumps({"workdir": str(args.workdir or "ldm_tiny fixture"),
                     **summary}))
 

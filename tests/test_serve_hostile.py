@@ -341,3 +341,38 @@ def test_a_body_larger_than_three_images_is_refused_unread(client):
   assert got.status_code == 413
   assert json.loads(got.text)["error"].startswith(
       f"the request is {len(body)} bytes; this server takes at most ")
+
+
+# -- the programs kept: bounded, least recently used first out ---------------
+
+
+def test_programs_keep_at_most_capacity_and_log_what_goes(monkeypatch, caplog):
+  from segldm_jax.ui import programs as programs_lib  # pylint: disable=g-import-not-at-top
+  cleared = []
+  monkeypatch.setattr(programs_lib.jax, "clear_caches",
+                      lambda: cleared.append(True))
+
+  class Lowered:
+    def __init__(self, name):
+      self.name = name
+
+    def compile(self):
+      return f"program {self.name}"
+
+  kept = programs_lib.Programs(2)
+  caplog.set_level("INFO", logger="segldm_jax.ui")
+  get = lambda key: kept.get(key, lambda: Lowered(key))  # noqa: E731
+  assert get(("generate", 32)) == "program ('generate', 32)"
+  get(("generate", 64))
+  get(("generate", 32))        # used again: now the most recent
+  get(("edit", 32))            # a third: the least recent (64) goes
+  assert (kept.compiled, kept.evicted, len(kept), cleared) == (3, 1, 2,
+                                                              [True])
+  assert "dropped the least recently used program, generate 64 (at most 2 " \
+         "kept: --max_programs)" in caplog.text
+  get(("generate", 32))
+  assert kept.compiled == 3    # still kept
+  get(("generate", 64))
+  assert kept.compiled == 4    # compiled again after it went
+  with pytest.raises(ValueError):
+    programs_lib.Programs(0)
