@@ -75,7 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="masks taken from the dataset (default: config)")
   ap.add_argument("--num_samples", type=int, default=1, help="per mask")
   ap.add_argument("--sampler", choices=samplers.SAMPLERS, default=None)
-  ap.add_argument("--steps", type=int, default=None)
+  ap.add_argument("--steps", type=int, default=None, help="on a 1000-step "
+                  "schedule: " + "; ".join(
+                      f"{n} {samplers.describe_steps(n, 1000)}"
+                      for n in samplers.SAMPLERS))
   ap.add_argument("--eta", type=float, default=None, help="DDIM eta")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--batch_size", type=int, default=8)

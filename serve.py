@@ -1,7 +1,9 @@
 r"""Paint a mask, get a picture: a local web page on a trained model.
 
   python serve.py --workdir DIR [--port 7860] [--host 127.0.0.1]
-      [--batch_size 8] [--max_queue 4] [--warmup_count 1] [--no-ema]
+      [--batch_size 8] [--max_queue 4] [--max_pixels N] [--max_programs 8]
+      [--allow_origin URL ...] [--palette_tolerance 30] [--warmup_count 1]
+      [--no-ema]
 
 Loads DIR's newest weights (as sample.py does: EMA by default), compiles the
 default request once, then serves http://HOST:PORT/: a canvas of the model's
@@ -10,6 +12,11 @@ classes by name; Generate samples the painted mask, Edit region regenerates
 part of an uploaded photo. The same seed and options give the same pixels as
 `sample.py --masks MASK.png --seed S --num_samples COUNT`. The page's JSON
 API is listed in segldm_jax/ui/server.py and at /api/docs.
+
+Only the page itself may drive it: a POST from another site's page is
+refused (403), and so is a Host that is not one of this server's names
+(400: DNS rebinding); --allow_origin names a deliberate other origin.
+Uploads are refused beyond --max_pixels before they are decoded.
 
 Needs the optional extra: pip install -e ".[ui]" (FastAPI, uvicorn).
 """
@@ -37,6 +44,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--max_queue", type=int, default=4,
                   help="requests that may wait while one runs; more are "
                   "refused with a message")
+  ap.add_argument("--max_pixels", type=int, default=None,
+                  help="most pixels per uploaded image, checked before "
+                  "decoding (default: 4x the training size's area)")
+  ap.add_argument("--max_programs", type=int, default=8,
+                  help="compiled programs kept (one per canvas size, "
+                  "sampler, steps and count; the least recently used goes)")
+  ap.add_argument("--allow_origin", action="append", default=[],
+                  metavar="URL", help="another origin whose pages may send "
+                  "requests, e.g. https://lab.example:443 (repeatable)")
+  ap.add_argument("--palette_tolerance", type=float, default=30.0,
+                  help="as sample.py's, for masks uploaded in colours")
   ap.add_argument("--warmup_count", type=int, default=1,
                   help="images of the request compiled at start (0: none)")
   ap.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
@@ -59,14 +77,17 @@ def main(argv=None) -> int:
   compilation_cache.setup(model.config.get("compilation_cache_dir"))
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   lab = studio.Studio(model, batch_size=args.batch_size,
-                      max_queue=args.max_queue)
+                      max_queue=args.max_queue, max_pixels=args.max_pixels,
+                      max_programs=args.max_programs,
+                      palette_tolerance=args.palette_tolerance)
   if args.warmup_count:
     seconds = lab.warm_up(args.warmup_count)
     print(f"compiled the default request in {seconds:.1f} s", flush=True)
   print(f"serving {model.workdir} (step {model.step}) on "
         f"http://{args.host}:{args.port}/", flush=True)
-  uvicorn.run(server.create_app(lab), host=args.host, port=args.port,
-              log_level="warning")
+  app = server.create_app(lab, host=args.host, port=args.port,
+                          allow_origins=args.allow_origin)
+  uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
   return 0
 
 

@@ -72,7 +72,7 @@ def main() -> None:
     tmp = pathlib.Path(tmp)
     cache = tmp / "cache"
     os.environ["XDG_CACHE_HOME"] = str(cache)  # serve.py's, cold too
-    with headless.serve(args.workdir) as (url, started), \
+    with headless.serve(args.workdir) as (url, started, _), \
         headless.chromium(downloads=tmp) as driver:
       page = headless.Page(driver, url)
       paint(page)

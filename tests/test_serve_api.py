@@ -32,8 +32,10 @@ def lab(ldm_tiny_workdir):
 
 @pytest.fixture(scope="module")
 def client(lab):
-  # Faults come back as 500s, as a browser would see them.
-  return testclient.TestClient(server.create_app(lab),
+  # Faults come back as 500s, as a browser would see them. The page's own
+  # address, as serve.py serves it.
+  return testclient.TestClient(server.create_app(lab, port=7860),
+                               base_url="http://127.0.0.1:7860",
                                raise_server_exceptions=False)
 
 
@@ -118,8 +120,9 @@ def test_coloured_mask_reads_as_its_ids(client, lab):
      "odd.png is 30x32 (height x width); this model needs sides in "
      "multiples of 8: resize it to 24x32 or 32x32"),
     ("paint.png", _png(np.full((32, 32, 3), (10, 200, 30))),
-     "paint.png: colour (10, 200, 30) is not in the palette (1 unknown "
-     "colour(s), 1024 pixels)"),
+     "paint.png: 1024 pixels are no palette colour (within "
+     "palette_tolerance=30) and no blend of the regions beside them, the "
+     "first at (y=0, x=0): (10, 200, 30); "),
     ("ids.png", _png(np.full((32, 32), 7)),
      "ids.png: label value 7 is out of range for num_classes=5"),
     ("notes.txt", b"not a picture", "notes.txt is not an image (PNG, JPEG, "
@@ -144,25 +147,34 @@ def test_bad_options_and_photo_are_one_clear_line(client):
   got = _post_mask(client, ids, count="99")
   assert (got.status_code, got.json()["error"]) == (400,
                                                     "count 99: use 1 to 16")
+  edited = _two_regions()
+  edited[:8, :8] = 4
+  got = client.post("/api/edit", files={
+      "photo": ("photo.jpg", b"\xff\xd8 truncated"), "labels": ("a.png", ids),
+      "new_labels": ("b.png", _png(edited))}, data=OPTIONS)
+  assert (got.status_code, got.json()["error"]) == (
+      400, "photo.jpg is not an image (PNG, JPEG, ...)")
+  # Nothing to edit is said before the photo is read.
   got = client.post("/api/edit", files={
       "photo": ("photo.jpg", b"\xff\xd8 truncated"), "labels": ("a.png", ids),
       "new_labels": ("b.png", ids)}, data=OPTIONS)
   assert (got.status_code, got.json()["error"]) == (
-      400, "photo.jpg is not an image (PNG, JPEG, ...)")
+      400, "the edited labels have the same labels as the photo's: nothing "
+      "to edit")
 
 
 def test_second_request_while_one_runs_is_refused_then_served(client, lab):
   ids = _png(_two_regions())
   entered, release = threading.Event(), threading.Event()
   first = {}
-  sample = lab.model.sample
+  generate = lab.generate
 
-  def slow_sample(*args, **kwargs):  # holds the lane like a long request
+  def slow_generate(*args, **kwargs):  # holds the lane like a long request
     entered.set()
     release.wait(60)
-    return sample(*args, **kwargs)
+    return generate(*args, **kwargs)
 
-  lab.model.__dict__["sample"] = slow_sample  # frozen dataclass: no setattr
+  lab.generate = slow_generate
   try:
     thread = threading.Thread(target=lambda: first.update(
         r=_post_mask(client, ids)))
@@ -178,7 +190,7 @@ def test_second_request_while_one_runs_is_refused_then_served(client, lab):
   finally:
     release.set()
     thread.join(120)
-    del lab.model.__dict__["sample"]
+    del lab.generate
   assert first["r"].status_code == 200
   assert _post_mask(client, ids).status_code == 200  # and it keeps serving
 
@@ -187,11 +199,11 @@ def test_a_fault_is_500_and_the_server_keeps_serving(client, lab):
   def broken(*args, **kwargs):
     raise RuntimeError("boom")
 
-  lab.model.__dict__["sample"] = broken
+  lab.generate = broken
   try:
     got = _post_mask(client, _png(_two_regions()))
   finally:
-    del lab.model.__dict__["sample"]
+    del lab.generate
   assert got.status_code == 500
   assert got.json()["error"] == ("internal error: RuntimeError: boom (the "
                                  "server log has the traceback)")

@@ -28,9 +28,9 @@ BRUSH = 9      # diameter in mask pixels: a disc of radius 4
 def page(ldm_tiny_workdir, tmp_path_factory):
   downloads = tmp_path_factory.mktemp("downloads")
   with headless.serve(ldm_tiny_workdir, "--max_queue", "0", "--warmup_count", "0"
-                      ) as (url, _), headless.chromium(downloads) as driver:
+                      ) as served, headless.chromium(downloads) as driver:
     driver.downloads = downloads
-    yield headless.Page(driver, url)
+    yield headless.Page(driver, served.url)
 
 
 def test_paint_two_regions_generate_and_download(page, tmp_path):
@@ -48,10 +48,24 @@ def test_paint_two_regions_generate_and_download(page, tmp_path):
   page.el("resize").click()
   assert page.error() == ("the canvas is 30x32 (height x width); sides must "
                           "be multiples of 8 for this model")
+  # ... and so is one over the server's pixel cap (4x the 32x32 training
+  # area), before anything is sent.
+  page.type("height", 72)
+  page.type("width", 72)
+  page.el("resize").click()
+  assert page.error() == ("the canvas is 72x72 (height x width), 5184 "
+                          "pixels; this server takes at most 4096")
   page.type("height", H)
   page.type("width", W)
   page.el("resize").click()
   assert page.error() == ""
+
+  # The steps field takes what the chosen sampler runs (the server's limits).
+  from selenium.webdriver.support.ui import Select  # pylint: disable=g-import-not-at-top
+  for sampler, most in (("dpmpp_2m", "999"), ("ddpm", "1000"),
+                        ("ddim", "500")):
+    Select(page.el("sampler")).select_by_value(sampler)
+    assert page.el("steps").get_attribute("max") == most
 
   # Region 1: fill everything with class 1. Region 2: a class 3 disc.
   page.pick(1, "fill")
@@ -122,8 +136,11 @@ def test_bad_uploads_are_one_line_on_the_page(page, tmp_path):
   Image.new("RGB", (W, H), (10, 200, 30)).save(colours)
   page.el("upload-labels").send_keys(str(colours))
   page.wait(page.error, 30)
-  assert page.error() == ("unknown.png: colour (10, 200, 30) is not in the "
-                          "palette (1 unknown colour(s), 1536 pixels)")
+  # The same reader as sample.py --palette (tolerance 30).
+  assert page.error().startswith(
+      "unknown.png: 1536 pixels are no palette colour (within "
+      "palette_tolerance=30) and no blend of the regions beside them, the "
+      "first at (y=0, x=0): (10, 200, 30); ")
   text = tmp_path / "holiday.jpg"
   text.write_text("not a photo")
   page.el("upload-photo").send_keys(str(text))

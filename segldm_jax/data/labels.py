@@ -40,6 +40,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from segldm_jax.data import palette as palette_lib
 from segldm_jax.data.base import DataError, IGNORE_ID, check_num_classes
 
 PathLike = Union[str, os.PathLike]
@@ -173,76 +174,6 @@ def load_remap(remap: Any) -> dict[int, int]:
 
 
 UNKNOWN_COLOURS = ("error", "ignore")
-EDGE_PX = 2  # blended edges of a painted mask, filled from their neighbours
-FLAT_RGB = 8  # a pixel this close to its neighbours is inside a region
-
-
-def _flat(rgb: np.ndarray) -> np.ndarray:
-  """(H, W) bool: no 4-neighbour differs by more than FLAT_RGB per channel."""
-  x = rgb.astype(np.int16)
-  p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
-  h, w = x.shape[:2]
-  diff = np.zeros((h, w), np.int16)
-  for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-    diff = np.maximum(diff, np.abs(p[dy:dy + h, dx:dx + w] - x).max(-1))
-  return diff <= FLAT_RGB
-
-
-def nearest_colour(pixels: np.ndarray, colours: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
-  """float32 RGB rows (P, 3) and (K, 3) -> per pixel, the index of the
-  nearest colour (Euclidean; the first on ties) and its squared distance
-  (a little below 0 where rounding makes it so)."""
-  d2 = ((pixels * pixels).sum(1)[:, None] - 2 * pixels @ colours.T
-        + (colours * colours).sum(1)[None])
-  near = d2.argmin(1)
-  return near, d2[np.arange(len(pixels)), near]
-
-
-def _code_rgb(codes: np.ndarray) -> np.ndarray:
-  """Packed 0xRRGGBB codes -> float32 RGB rows."""
-  return np.stack([(codes >> s) & 255 for s in (16, 8, 0)],
-                  -1).astype(np.float32)
-
-
-def _same_colour_region(rgb: np.ndarray, seeds: np.ndarray, steps: int
-                        ) -> np.ndarray:
-  """`seeds` grown by up to `steps` pixels into 4-neighbours of their colour
-  (within FLAT_RGB per channel)."""
-  x = rgb.astype(np.int16)
-  h, w = seeds.shape
-  region = seeds.copy()
-  for _ in range(steps):
-    pr = np.pad(region, 1)
-    px = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
-    grown = region.copy()
-    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-      close = np.abs(px[dy:dy + h, dx:dx + w] - x).max(-1) <= FLAT_RGB
-      grown |= pr[dy:dy + h, dx:dx + w] & close
-    region = grown
-  return region
-
-
-def _fill_from_neighbours(values: np.ndarray, known: np.ndarray, steps: int,
-                          blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Unknown pixels (not `blocked`) within `steps` pixels (8-neighbourhood)
-  of known ones take a known neighbour's value."""
-  h, w = known.shape
-  for _ in range(steps):
-    if known.all():
-      break
-    pk, pv = np.pad(known, 1), np.pad(values, 1)
-    grown_known, grown = known.copy(), values.copy()
-    for dy in (-1, 0, 1):
-      for dx in (-1, 0, 1):
-        nk = pk[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-        take = ~grown_known & ~blocked & nk
-        grown = np.where(take, pv[1 + dy:1 + dy + h, 1 + dx:1 + dx + w], grown)
-        grown_known |= take
-    values, known = grown, grown_known
-  return values, known
-
-
 def _codes(rgb: np.ndarray) -> np.ndarray:
   rgb = rgb.astype(np.int32)
   return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
@@ -305,43 +236,36 @@ class LabelSpec:
     """An RGB mask (H, W, 3) -> (stored ids (H, W), unknown (H, W) bool).
 
     Exact palette colours always match. With `palette_tolerance` > 0 (masks
-    people paint) the edges between regions are blends (anti-aliasing, a
-    resize) whose colour may lie near a third class, so colours are trusted
-    only where the painting is flat: a pixel within FLAT_RGB of its four
-    neighbours snaps to the nearest palette colour within the tolerance;
-    edge pixels keep an exact palette colour, and otherwise take the id of
-    a trusted neighbour up to EDGE_PX away. What remains is a DataError that
-    counts the pixels and names the first, or, with unknown_colours
-    "ignore", comes back in `unknown` (its ids are placeholders).
+    people paint) colours snap within the tolerance and the blends that
+    anti-aliasing or a resize leave between regions take one of their
+    regions' ids (`palette.read_painted` has the rule). What remains is a
+    DataError that counts the pixels and names the first, or, with
+    unknown_colours "ignore", comes back in `unknown` (its ids are
+    placeholders).
     """
     codes = _codes(rgb)
-    uniq, inverse = np.unique(codes, return_inverse=True)
-    inverse = inverse.reshape(codes.shape)
     if self.palette_tolerance > 0:
-      near, d2 = nearest_colour(_code_rgb(uniq),
-                                _code_rgb(self.palette_codes))
-      ok = np.sqrt(np.maximum(d2, 0)) <= self.palette_tolerance
+      colours = np.stack([(self.palette_codes >> s) & 255
+                          for s in (16, 8, 0)], -1)
+      index, known = palette_lib.read_painted(rgb, colours,
+                                              self.palette_tolerance)
+      values = self.palette_ids[np.maximum(index, 0)]
     else:
+      uniq, inverse = np.unique(codes, return_inverse=True)
       near = np.minimum(np.searchsorted(self.palette_codes, uniq),
                         len(self.palette_codes) - 1)
       ok = self.palette_codes[near] == uniq
-    values, known = self.palette_ids[near][inverse], ok[inverse]
-    if self.palette_tolerance > 0:
-      exact = (self.palette_codes[near] == uniq)[inverse]
-      flat = _flat(rgb)
-      # A region in a colour no class has is unknown to its very border:
-      # only the blends between regions are filled from their neighbours.
-      foreign = _same_colour_region(rgb, flat & ~known, EDGE_PX)
-      known &= flat | exact
-      values, known = _fill_from_neighbours(values, known, EDGE_PX, foreign)
+      inverse = inverse.reshape(codes.shape)
+      values, known = self.palette_ids[near][inverse], ok[inverse]
     if known.all() or self.unknown_colours == "ignore":
       return values, ~known
     y, x = (int(v[0]) for v in np.nonzero(~known))
     if self.palette_tolerance > 0:
       raise DataError(
-          f"{where}: {int((~known).sum())} pixels are farther than "
-          f"palette_tolerance={self.palette_tolerance:g} from every palette "
-          f"colour, the first at (y={y}, x={x}): {_rgb(codes[y, x])}; paint "
+          f"{where}: {int((~known).sum())} pixels are no palette colour "
+          f"(within palette_tolerance={self.palette_tolerance:g}) and no "
+          "blend of the regions beside them, the first at "
+          f"(y={y}, x={x}): {_rgb(codes[y, x])}; paint "
           "with the palette's colours, raise the tolerance, or let them be "
           "\"don't care\" (unknown_colours=ignore)")
     unknown = np.unique(codes[~known])

@@ -6,8 +6,8 @@ like the run's source (its palette, ignore label and remap). A painted mask
 names its palette (`palette=`: a label set of `palette.named`, e.g.
 "coco-stuff", or a palette file) and is then in class-id space: colours snap
 to the nearest palette colour within `palette_tolerance`, and blended edges
-take their neighbours' ids (`labels.LabelSpec.colours_to_values`). 255
-always means "don't care", since it is never a class id.
+take their regions' ids (`palette.read_painted`). 255 always means "don't
+care", since it is never a class id.
 
 Masks keep their aspect ratio: sides must be multiples of the model's
 `step_px` (first stage factor x the UNet's and the mask's halvings), or be
@@ -132,14 +132,25 @@ def size_masks(names: list[str], labels: list[np.ndarray], step: int,
   return np.stack(out)
 
 
+def check_aspect(photo_shape: tuple[int, int], shape: tuple[int, int],
+                 name: str) -> None:
+  """A photo of (h, w) fits a label map of `shape` up to 2% of aspect."""
+  h, w = photo_shape
+  if abs(h / w - shape[0] / shape[1]) > 0.02 * shape[0] / shape[1]:
+    raise DataError(f"{name} is {h}x{w} but its label map is "
+                    f"{shape[0]}x{shape[1]}: the aspect ratios differ")
+
+
+def fit_photo(photo: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+  """uint8 (h, w, 3) resized (bicubic) to `shape` = (height, width)."""
+  return np.asarray(Image.fromarray(photo).resize(shape[::-1], Image.BICUBIC))
+
+
 def read_photo(path: pathlib.Path, shape: tuple[int, int]) -> np.ndarray:
   """A photo resized to its label map's (height, width): (H, W, 3) uint8."""
   photo = folder.read_image(str(path))
-  h, w = photo.shape[:2]
-  if abs(h / w - shape[0] / shape[1]) > 0.02 * shape[0] / shape[1]:
-    raise DataError(f"{path} is {h}x{w} but its label map is "
-                    f"{shape[0]}x{shape[1]}: the aspect ratios differ")
-  return np.asarray(Image.fromarray(photo).resize(shape[::-1], Image.BICUBIC))
+  check_aspect(photo.shape[:2], shape, str(path))
+  return fit_photo(photo, shape)
 
 
 def dataset_masks(data_config: Any, size: int, count: int, seed: int

@@ -1,4 +1,5 @@
-"""Class palettes and mask colourisation, used for every mask picture.
+"""Class palettes and mask colourisation, used for every mask picture, and
+the reader that takes painted colours back to classes (`read_painted`).
 
 * 182 classes: the COCO-Stuff palette of the semantic-synthesis literature
   (NVlabs/SPADE ``util.labelcolormap(182)``): the PASCAL-VOC bit-interleaved
@@ -249,3 +250,276 @@ def names_for_data(data_config) -> tuple[str, ...]:
   if key is not None:
     return _NAMES[key]
   return tuple(f"class {k}" for k in range(int(data_config.get("num_classes"))))
+
+
+# ---------------------------------------------------------------------------
+# Painted masks: colours read back as classes.
+# ---------------------------------------------------------------------------
+
+FLAT_RGB = 8        # a pixel this close to its 4 neighbours is inside a region
+WINDOW_PX = 2       # radius of the window whose regions explain a blend
+BLEND_RGB = 2.0     # a blend of two colours lies this close to their segment
+FILL_PX = 3         # blends no pair explains take a class from this close by
+_ENDS = 4           # distinct region classes of a window considered
+_CHUNK = 1 << 16
+
+
+def _unpack(codes: np.ndarray) -> np.ndarray:
+  """Packed 0xRRGGBB -> float32 (..., 3)."""
+  codes = np.asarray(codes, np.int64)
+  return np.stack([(codes >> s) & 255 for s in (16, 8, 0)], -1).astype(
+      np.float32)
+
+
+def _pack(rgb: np.ndarray) -> np.ndarray:
+  rgb = rgb.astype(np.int32)
+  return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def nearest_colour(pixels: np.ndarray, colours: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """float32 RGB rows (P, 3) and (K, 3) -> per pixel, the index of the
+  nearest colour (Euclidean; the first on ties) and its squared distance
+  (a little below 0 where rounding makes it so)."""
+  d2 = ((pixels * pixels).sum(1)[:, None] - 2 * pixels @ colours.T
+        + (colours * colours).sum(1)[None])
+  near = d2.argmin(1)
+  return near, d2[np.arange(len(pixels)), near]
+
+
+def _nearest(colours: np.ndarray, pal: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """(N, 3) colours -> (index of the nearest palette colour, its RGB
+  distance), in chunks (a photo has ~10^5 distinct colours)."""
+  near = np.empty(len(colours), np.int64)
+  dist = np.empty(len(colours), np.float32)
+  for s in range(0, len(colours), _CHUNK // 4):
+    a = colours[s:s + _CHUNK // 4]
+    near[s:s + len(a)], d2 = nearest_colour(a, pal)
+    dist[s:s + len(a)] = np.sqrt(np.maximum(d2, 0))
+  # exact matches are exact, whatever the float rounding above
+  return near, np.where((pal[near] == colours).all(1), 0, dist)
+
+
+def _flat(rgb: np.ndarray) -> np.ndarray:
+  """(H, W) bool: no 4-neighbour differs by more than FLAT_RGB per channel."""
+  x = rgb.astype(np.int16)
+  p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+  h, w = x.shape[:2]
+  diff = np.zeros((h, w), np.int16)
+  for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+    diff = np.maximum(diff, np.abs(p[dy:dy + h, dx:dx + w] - x).max(-1))
+  return diff <= FLAT_RGB
+
+
+def _in_block(codes: np.ndarray) -> np.ndarray:
+  """(H, W) bool: part of a 2x2 block of one colour (the border repeated)."""
+  h, w = codes.shape
+  p = np.pad(codes, 1, mode="edge")
+  one = ((p[:-1, :-1] == p[1:, :-1]) & (p[:-1, :-1] == p[:-1, 1:])
+         & (p[:-1, :-1] == p[1:, 1:]))
+  out = np.zeros((h, w), bool)
+  for dy in (0, 1):
+    for dx in (0, 1):
+      out |= one[dy:dy + h, dx:dx + w]
+  return out
+
+
+def _all_around(mask: np.ndarray) -> np.ndarray:
+  """(H, W) bool: the pixel and its 8 neighbours are all `mask` (outside
+  the image counts as True)."""
+  h, w = mask.shape
+  p = np.pad(mask, 1, constant_values=True)
+  out = np.ones((h, w), bool)
+  for dy in range(3):
+    for dx in range(3):
+      out &= p[dy:dy + h, dx:dx + w]
+  return out
+
+
+def _repeats(codes: np.ndarray) -> np.ndarray:
+  """(H, W) bool: a 4-neighbour has the very same colour (a band along an
+  edge is uniform along it; a pixel where three regions meet is not)."""
+  h, w = codes.shape
+  p = np.pad(codes, 1, constant_values=-1)
+  out = np.zeros((h, w), bool)
+  for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+    out |= p[dy:dy + h, dx:dx + w] == codes
+  return out
+
+
+def _window_classes(classes: np.ndarray, ys: np.ndarray, xs: np.ndarray
+                    ) -> np.ndarray:
+  """The distinct classes (>= 0) of `classes` within WINDOW_PX of each
+  pixel (ys, xs), nearest first -> (n, _ENDS), -1 where fewer."""
+  r = WINDOW_PX
+  offsets = sorted(((dy, dx) for dy in range(-r, r + 1)
+                    for dx in range(-r, r + 1)),
+                   key=lambda o: (max(abs(o[0]), abs(o[1])),
+                                  abs(o[0]) + abs(o[1])))
+  padded = np.pad(classes, r, constant_values=-1)
+  win = np.stack([padded[ys + r + dy, xs + r + dx] for dy, dx in offsets], 1)
+  seen = np.zeros(win.shape, bool)
+  for j in range(1, win.shape[1]):
+    seen[:, j] = (win[:, :j] == win[:, j:j + 1]).any(1)
+  keep = (win >= 0) & ~seen
+  order = np.argsort(~keep, axis=1, kind="stable")
+  return np.take_along_axis(np.where(keep, win, -1), order, 1)[:, :_ENDS]
+
+
+def _segment(p: np.ndarray, a: np.ndarray, b: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Distance from p to the segment a-b and the position t in [0, 1] of
+  its nearest point (0 = a), broadcast over leading axes."""
+  ab = b - a
+  t = np.clip(((p - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-9),
+              0.0, 1.0)
+  return np.sqrt(((p - a - t[..., None] * ab) ** 2).sum(-1)), t
+
+
+def _by_pairs(p: np.ndarray, ends: np.ndarray, pal: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """The best explanation of colours p (n, 3) by one or two of `ends`
+  (n, _ENDS) -> (distance, class of the nearer end), inf / -1 for none."""
+  best_d = np.full(len(p), np.inf, np.float32)
+  best_c = np.full(len(p), -1, np.int64)
+  for i in range(ends.shape[1]):
+    for j in range(i, ends.shape[1]):
+      a, b = ends[:, i], ends[:, j]
+      d, t = _segment(p, pal[np.maximum(a, 0)], pal[np.maximum(b, 0)])
+      d = np.where((a >= 0) & (b >= 0), d, np.inf)
+      better = d < best_d
+      best_d = np.where(better, d, best_d)
+      best_c = np.where(better, np.where(t <= 0.5, a, b), best_c)
+  return best_d, best_c
+
+
+def _by_extension(p: np.ndarray, ends: np.ndarray, pal: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Colours p (n, 3) strictly between one of `ends` (n, _ENDS) and any
+  palette colour -> (distance, that end's class): a feature too thin to
+  keep its own colour after a resize reads as the region beside it."""
+  best_d = np.full(len(p), np.inf, np.float32)
+  best_c = np.full(len(p), -1, np.int64)
+  for i in range(ends.shape[1]):
+    a = ends[:, i]
+    d, t = _segment(p[:, None], pal[np.maximum(a, 0)][:, None], pal[None])
+    d = np.where((a >= 0)[:, None] & (t > 0) & (t < 1), d, np.inf).min(1)
+    better = d < best_d
+    best_d = np.where(better, d, best_d)
+    best_c = np.where(better, a, best_c)
+  return best_d, best_c
+
+
+def _per_distinct(fn, p_codes: np.ndarray, ends: np.ndarray, pal: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """`fn(p, ends, pal)` once per distinct (colour, ends) row: a band along
+  an edge repeats both."""
+  if not len(p_codes):
+    return np.zeros(0, np.float32), np.zeros(0, np.int64)
+  rows, inverse = np.unique(np.column_stack([p_codes, ends]), axis=0,
+                            return_inverse=True)
+  d, c = [], []
+  for s in range(0, len(rows), _CHUNK // 16):
+    part = rows[s:s + _CHUNK // 16]
+    got = fn(_unpack(part[:, 0]), part[:, 1:], pal)
+    d.append(got[0])
+    c.append(got[1])
+  inverse = inverse.reshape(-1)
+  return np.concatenate(d)[inverse], np.concatenate(c)[inverse]
+
+
+def _same_colour_region(rgb: np.ndarray, seeds: np.ndarray, steps: int
+                        ) -> np.ndarray:
+  """`seeds` grown by up to `steps` pixels into 4-neighbours of their colour
+  (within FLAT_RGB per channel)."""
+  x = rgb.astype(np.int16)
+  h, w = seeds.shape
+  region = seeds.copy()
+  px = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+  for _ in range(steps):
+    pr = np.pad(region, 1)
+    grown = region.copy()
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+      close = np.abs(px[dy:dy + h, dx:dx + w] - x).max(-1) <= FLAT_RGB
+      grown |= pr[dy:dy + h, dx:dx + w] & close
+    region = grown
+  return region
+
+
+def _fill_from_neighbours(values: np.ndarray, known: np.ndarray, steps: int,
+                          blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Unknown pixels (not `blocked`) within `steps` pixels (8-neighbourhood)
+  of known ones take a known neighbour's value."""
+  h, w = known.shape
+  for _ in range(steps):
+    if known.all():
+      break
+    pk, pv = np.pad(known, 1), np.pad(values, 1)
+    grown_known, grown = known.copy(), values.copy()
+    for dy in (-1, 0, 1):
+      for dx in (-1, 0, 1):
+        nk = pk[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+        take = ~grown_known & ~blocked & nk
+        grown = np.where(take, pv[1 + dy:1 + dy + h, 1 + dx:1 + dx + w], grown)
+        grown_known |= take
+    values, known = grown, grown_known
+  return values, known
+
+
+def read_painted(rgb: np.ndarray, colours: np.ndarray, tolerance: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """A mask painted in `colours` (K, 3), perhaps resized or anti-aliased
+  -> (index into `colours` (H, W), known (H, W) bool).
+
+  1. Regions: a pixel within `tolerance` (RGB distance) of a palette
+     colour whose 4 neighbours are within FLAT_RGB of it, or of exactly a
+     palette colour in a 2x2 block of it, is that colour's class.
+  2. Blends: any other pixel on (within `tolerance` of) the segment
+     between the colours of two regions within WINDOW_PX of it, or near
+     one of them, takes the nearer end's class, however flat its band is.
+     A pixel of exactly a palette colour keeps its class where that class
+     is a region nearby or every pixel around is a palette colour (a sharp
+     painting), unless two regions nearby mix to it (within BLEND_RGB):
+     a resize makes colours that happen to be a third class's (COCO-Stuff's
+     colours lie on a lattice), and a line one pixel wide painted exactly
+     in the mix of its two sides reads as one of them.
+  3. A band along an edge (its colour repeats beside it) that lies
+     strictly between a nearby region's colour and another palette colour
+     (within BLEND_RGB) is a feature too thin to keep its own colour after
+     a resize: it takes that region's class.
+  4. Pixels no pair explains (where three regions meet) take a class from
+     an explained pixel up to FILL_PX away, except in a flat area of one
+     colour: a colour no class has is unknown to its border.
+
+  What remains is unknown (`known` False): a colour explained by nothing
+  nearby.
+  """
+  h, w = rgb.shape[:2]
+  pal = np.asarray(colours, np.float32).reshape(-1, 3)
+  codes = _pack(rgb)
+  uniq, inverse = np.unique(codes, return_inverse=True)
+  near_u, dist_u = _nearest(_unpack(uniq), pal)
+  inverse = inverse.reshape(h, w)
+  near, dist = near_u[inverse], dist_u[inverse]
+  exact, flat = dist == 0, _flat(rgb)
+  region = (flat & (dist <= tolerance)) | (exact & _in_block(codes))
+  index, known = np.where(region, near, -1), region.copy()
+
+  ys, xs = np.nonzero(~region)
+  ends = _window_classes(index, ys, xs)
+  d, c = _per_distinct(_by_pairs, codes[ys, xs], ends, pal)
+  own = exact[ys, xs] & ~(d <= BLEND_RGB) & (
+      _all_around(exact)[ys, xs] | (ends == near[ys, xs][:, None]).any(1))
+  d, c = np.where(own, 0.0, d), np.where(own, near[ys, xs], c)
+  ok = d <= tolerance
+  index[ys[ok], xs[ok]], known[ys[ok], xs[ok]] = c[ok], True
+
+  thin = ~ok & _repeats(codes)[ys, xs]
+  ys, xs, ends = ys[thin], xs[thin], ends[thin]
+  d, c = _per_distinct(_by_extension, codes[ys, xs], ends, pal)
+  ok = d <= BLEND_RGB
+  index[ys[ok], xs[ok]], known[ys[ok], xs[ok]] = c[ok], True
+
+  foreign = _same_colour_region(rgb, flat & ~known, FILL_PX)
+  return _fill_from_neighbours(index, known, FILL_PX, foreign)

@@ -473,3 +473,57 @@ def sample(name: str, model_fn: ModelFn, schedule: Schedule, x_T: jax.Array,
   if name not in _SAMPLER_FNS:
     raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
   return _SAMPLER_FNS[name](model_fn, schedule, x_T, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Step limits: what each sampler takes, for the forms and flags that ask.
+# ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def step_ranges(name: str, num_timesteps: int) -> tuple[tuple[int, int], ...]:
+  """The step counts sampler `name` runs on a `num_timesteps` schedule, as
+  inclusive (first, last) ranges: DDPM 1..T, DPM-Solver++(2M) 1..T-1, DDIM
+  (the original "uniform" grid, as `sample` runs it) every count whose +1
+  shift stays below T, e.g. 1..250 and 334..500 for T = 1000."""
+  if name not in _SAMPLER_FNS:
+    raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
+  if name == "ddpm":
+    return ((1, num_timesteps),)
+  if name == "dpmpp_2m":
+    return ((1, num_timesteps - 1),)
+  ranges: list[list[int]] = []
+  for n in range(1, num_timesteps + 1):
+    try:
+      ddim_timesteps(num_timesteps, n)
+    except ValueError:
+      continue
+    if ranges and ranges[-1][1] == n - 1:
+      ranges[-1][1] = n
+    else:
+      ranges.append([n, n])
+  return tuple((a, b) for a, b in ranges)
+
+
+def describe_steps(name: str, num_timesteps: int) -> str:
+  """`step_ranges` in words: "1 to 999", or for DDIM "1 to 500 (not 3, 9,
+  27, 36 to 37, 101 to 111 or 251 to 333)"."""
+  ranges = step_ranges(name, num_timesteps)
+  span = lambda a, b: f"{a} to {b}" if a != b else str(a)  # noqa: E731
+  text = span(ranges[0][0], ranges[-1][1])
+  gaps = [span(b + 1, a - 1) for (_, b), (a, _) in zip(ranges, ranges[1:])]
+  if gaps:
+    text += " (not " + ", ".join(gaps[:-1]) + (
+        " or " if len(gaps) > 1 else "") + gaps[-1] + ")"
+  return text
+
+
+def check_steps(name: str, steps: Any, num_timesteps: int) -> int:
+  """`steps` if sampler `name` runs that many on this schedule, else a
+  ValueError of one line naming the counts it takes."""
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or (
+      not any(a <= steps <= b for a, b in step_ranges(name, num_timesteps))):
+    raise ValueError(
+        f"steps {steps}: {name} takes {describe_steps(name, num_timesteps)} "
+        f"on this model's {num_timesteps}-step schedule")
+  return int(steps)

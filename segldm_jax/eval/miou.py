@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from segldm_jax.data.base import IGNORE_ID
-from segldm_jax.data.labels import nearest_colour
+from segldm_jax.data.palette import nearest_colour
 from segldm_jax.data.synthetic import class_colours, colour_spacing
 
 # A raw pixel within this fraction of the grid spacing (per channel) of a

@@ -1,6 +1,8 @@
 """Masks in, images out: conditioning, a compiled sampler, decoding.
 
-Three programs, each one compiled function of (params, masks, key):
+Three programs, each one compiled function of (params, masks, key); the
+guidance scale of `generate` and `edit` is an input too (`guidance_input`),
+so a new scale reuses the compiled program:
 
 * `generate`: the reference's sampling, plus classifier-free guidance on the
   mask (`guidance_scale`); ignore-label pixels condition on nothing, so a
@@ -25,7 +27,43 @@ from segldm_jax.data.pixel_range import images_to_model_range, model_range_to_im
 from segldm_jax.diffusion import samplers
 from segldm_jax.models.ldm import LatentDiffusion
 
-_STATIC = ("ldm", "sampler", "steps", "eta", "mask_stages", "guidance_scale")
+# The guidance scale is an input of `generate`'s and `edit`'s programs, not a
+# constant: one program per (shapes, sampler, steps) serves every scale.
+_STATIC = ("ldm", "sampler", "steps", "eta", "mask_stages")
+
+
+def guidance_input(guidance_scale: float) -> np.float32 | None:
+  """How a guidance scale enters a program: None for 1 (no guidance: the
+  model runs once per step, not twice), else a float32 input."""
+  return None if float(guidance_scale) == 1.0 else np.float32(guidance_scale)
+
+
+def _guidance_as_input(jitted):
+  """`jitted(..., guidance_scale=s)` with s passed as `guidance_input(s)`;
+  `.lower` alike (for callers that keep compiled programs themselves)."""
+  @functools.wraps(jitted)
+  def run(*args, guidance_scale: float = 1.0, **kwargs):
+    return jitted(*args, guidance_scale=guidance_input(guidance_scale),
+                  **kwargs)
+
+  run.lower = lambda *args, guidance_scale=1.0, **kwargs: jitted.lower(
+      *args, guidance_scale=guidance_input(guidance_scale), **kwargs)
+  return run
+
+
+def _model_fn(ldm, unet_params, c, scale: jax.Array | None):
+  """`ldm.model_fn` with the guidance scale a traced input: the guided
+  function is built for a stand-in scale and its scale leaf (the last)
+  replaced, so its arithmetic stays the model's own."""
+  if scale is None:
+    return ldm.model_fn(unet_params, c)
+  guided = ldm.model_fn(unet_params, c, 2.0)
+  leaves, treedef = jax.tree_util.tree_flatten(guided)
+  # (params, conditioning, scale): the scale is the one leaf more, a scalar
+  assert len(leaves) == len(jax.tree_util.tree_leaves((unet_params, c))) + 1
+  assert np.shape(leaves[-1]) == (), treedef
+  return jax.tree_util.tree_unflatten(
+      treedef, leaves[:-1] + [jnp.asarray(scale, jnp.float32)])
 
 
 def _run_sampler(model_fn, ldm, x_T, key, sampler, steps, eta, **mask_kw):
@@ -34,6 +72,7 @@ def _run_sampler(model_fn, ldm, x_T, key, sampler, steps, eta, **mask_kw):
                          num_steps=steps, key=key, **kwargs, **mask_kw)
 
 
+@_guidance_as_input
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def generate(ldm: LatentDiffusion, params, first_stage_params,
              labels: jax.Array, key: jax.Array, *, sampler: str = "ddim", steps: int = 50,
@@ -49,8 +88,8 @@ def generate(ldm: LatentDiffusion, params, first_stage_params,
   c = ldm.condition(params["cond_stage"], labels, mask_stages)
   k_init, k_loop = jax.random.split(key)
   x_T = jax.random.normal(k_init, (*c.shape[:3], ldm.latent_channels))
-  z = _run_sampler(ldm.model_fn(params["unet"], c, guidance_scale), ldm, x_T,
-                   k_loop, sampler, steps, eta)
+  z = _run_sampler(_model_fn(ldm, params["unet"], c, guidance_scale), ldm,
+                   x_T, k_loop, sampler, steps, eta)
   return model_range_to_images(ldm.decode(first_stage_params, z))
 
 
@@ -59,6 +98,7 @@ def generate(ldm: LatentDiffusion, params, first_stage_params,
 # ---------------------------------------------------------------------------
 
 
+@_guidance_as_input
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def regenerate_region(ldm: LatentDiffusion, params, first_stage_params,
                       images: jax.Array, labels: jax.Array, keep: jax.Array,
@@ -86,8 +126,8 @@ def regenerate_region(ldm: LatentDiffusion, params, first_stage_params,
   k_init, k_loop = jax.random.split(key)
   x_T = jax.random.normal(k_init, z0.shape)
   keep = keep.astype(jnp.float32)
-  z = _run_sampler(ldm.model_fn(params["unet"], c, guidance_scale), ldm, x_T,
-                   k_loop, sampler, steps, eta, mask=keep, x0=z0)
+  z = _run_sampler(_model_fn(ldm, params["unet"], c, guidance_scale), ldm,
+                   x_T, k_loop, sampler, steps, eta, mask=keep, x0=z0)
   z = keep * z0 + (1.0 - keep) * z
   return model_range_to_images(ldm.decode(first_stage_params, z))
 
@@ -157,7 +197,8 @@ def _tiled_denoise(ldm, tile, rows, cols, scale, unet_params, c, x_t, t):
   return _tiled_sum(one_tile, x_t, rows, cols, tile, 1, x_t.shape[-1])
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("tile", "overlap"))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("guidance_scale",
+                                                     "tile", "overlap"))
 def generate_tiled(ldm: LatentDiffusion, params, first_stage_params,
                    labels: jax.Array, key: jax.Array, *, tile: int,
                    overlap: int, sampler: str = "ddim", steps: int = 50,

@@ -17,6 +17,7 @@ import numpy as np
 from segldm_jax import errors
 from segldm_jax.checkpoint import store
 from segldm_jax.config import run_config
+from segldm_jax.diffusion import samplers
 from segldm_jax.inference import first_stage
 from segldm_jax.inference import generation
 from segldm_jax.inference import region_edit
@@ -44,16 +45,28 @@ class TrainedModel:
                      steps: int | None = None, eta: float | None = None,
                      guidance_scale: float | None = None) -> dict[str, Any]:
     """Keyword arguments of `generation.generate`: the given values, else the
-    run's `sample` config, else the reference's defaults (DDIM 50, eta 0)."""
+    run's `sample` config, else the reference's defaults (DDIM 50, eta 0).
+    Steps the sampler cannot run here are an InputError naming those it
+    can (`samplers.check_steps`)."""
     cfg = self.config.get("sample", {})
     pick = lambda given, key, default: (  # noqa: E731
         given if given is not None else cfg.get(key, default))
-    return dict(sampler=pick(sampler, "sampler", "ddim"),
-                steps=int(steps or cfg.get("steps", 50)),
-                eta=float(pick(eta, "eta", 0.0)),
-                mask_stages=self.geometry.mask_stages,
-                guidance_scale=float(pick(guidance_scale, "guidance_scale",
-                                          1.0)))
+    options = dict(sampler=pick(sampler, "sampler", "ddim"),
+                   steps=int(steps or cfg.get("steps", 50)),
+                   eta=float(pick(eta, "eta", 0.0)),
+                   mask_stages=self.geometry.mask_stages,
+                   guidance_scale=float(pick(guidance_scale, "guidance_scale",
+                                             1.0)))
+    try:
+      samplers.check_steps(options["sampler"], options["steps"],
+                           self.num_timesteps)
+    except ValueError as e:
+      raise errors.InputError(str(e)) from None
+    return options
+
+  @property
+  def num_timesteps(self) -> int:
+    return int(self.ldm.settings["timesteps"])
 
   def check_size(self, labels: np.ndarray) -> None:
     step = self.geometry.step_px

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 _FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu",
@@ -33,13 +33,19 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+class Served(NamedTuple):
+  url: str          # http://127.0.0.1:PORT/
+  seconds: float    # from launch until it served
+  pid: int          # the server's process (its memory: /proc/PID)
+
+
 @contextlib.contextmanager
-def serve(workdir: pathlib.Path, *flags: str, timeout_s: float = 300
-          ) -> Iterator[tuple[str, float]]:
-  """Runs `serve.py --workdir W FLAGS` -> (its URL, seconds until it
-  served); stops it on exit. Its output goes to W/serve.log."""
+def serve(workdir: pathlib.Path, *flags: str, timeout_s: float = 300,
+          log_name: str = "serve.log") -> Iterator[Served]:
+  """Runs `serve.py --workdir W FLAGS` on a free port of 127.0.0.1; stops
+  it on exit. Its output goes to W/`log_name`."""
   port = free_port()
-  log_path = pathlib.Path(workdir) / "serve.log"
+  log_path = pathlib.Path(workdir) / log_name
   start = time.monotonic()
   with open(log_path, "w+") as log:
     proc = subprocess.Popen(
@@ -56,7 +62,8 @@ def serve(workdir: pathlib.Path, *flags: str, timeout_s: float = 300
           socket.create_connection(("127.0.0.1", port), timeout=1).close()
           break
         time.sleep(0.1)
-      yield f"http://127.0.0.1:{port}/", time.monotonic() - start
+      yield Served(f"http://127.0.0.1:{port}/", time.monotonic() - start,
+                   proc.pid)
     finally:
       proc.terminate()
       proc.wait(30)

@@ -99,6 +99,10 @@ function newCanvas(h, w, ids) {
     throw new Error(`the canvas is ${h}x${w} (height x width); sides must be ` +
                     `multiples of ${step} for this model`);
   }
+  if (h * w > state.info.max_pixels) {
+    throw new Error(`the canvas is ${h}x${w} (height x width), ${h * w} pixels; ` +
+                    `this server takes at most ${state.info.max_pixels}`);
+  }
   Object.assign(state, { H: h, W: w, ids: ids || new Uint8Array(h * w).fill(IGNORE) });
   state.scale = Math.max(1, Math.floor(Math.min(512 / w, 512 / h)));
   const canvas = $("mask");
@@ -341,6 +345,16 @@ function showResults(got, ids, kind) {
   });
 }
 
+// The steps field offers what the chosen sampler runs (the server's own
+// limits: /api/info), so the form and sample.py say the same range.
+function updateSteps() {
+  const limits = state.info.steps[$("sampler").value];
+  const ranges = limits.ranges;
+  $("steps").min = ranges[0][0];
+  $("steps").max = ranges[ranges.length - 1][1];
+  $("steps").title = `${$("sampler").value} takes ${limits.text} steps`;
+}
+
 // -- Start ---------------------------------------------------------------------
 
 function guard(fn) {
@@ -356,8 +370,11 @@ async function start() {
                            `sides in multiples of ${info.step_px} px`;
   for (const s of info.samplers) $("sampler").append(new Option(s, s));
   $("sampler").value = info.defaults.sampler;
+  $("sampler").addEventListener("change", updateSteps);
+  updateSteps();
   $("steps").value = info.defaults.steps;
   $("guidance").value = info.defaults.guidance_scale;
+  $("guidance").max = info.max_guidance;
   $("count").max = info.max_count;
   for (const id of ["height", "width"]) $(id).step = info.step_px;
   $("brush-size").value = Math.max(1, Math.round(info.width / 12));
