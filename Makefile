@@ -1,5 +1,6 @@
 # Two commands do all the set-up: `make demo` and `make test` each build the
-# virtual environment from the requirements on first use.
+# virtual environment from the requirements on first use (`make test-fast`
+# too).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ WORKDIR ?= workdirs/demo
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo serve test browser clean-venv
+.PHONY: demo serve test test-fast browser clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-eval.txt requirements-ui.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,13 @@ browser:
 
 test: $(VENV)/.installed browser
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 tests
+
+# The inner loop: every test but the slow ones (tests/conftest.py marks
+# those: train.py, sample.py or convert_torch_ckpt.py run as a process,
+# several processes at once, end-to-end training, the browser). No browser
+# needed. `make test` (CI) still runs everything.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

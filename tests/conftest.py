@@ -41,15 +41,19 @@ TESTS_DIR = pathlib.Path(__file__).parent
 # must finish within 15 minutes in CI, so new features fit their tests in
 # what is left. The ten slowest tests are printed after every run.
 SUITE_BUDGET_S = 780
+# `make test-fast` (`-m "not slow"`, below): the inner loop, on the same CPU.
+FAST_BUDGET_S = 180
 _START = time.monotonic()
 
 
 def pytest_terminal_summary(terminalreporter):
   elapsed = time.monotonic() - _START
-  verdict = "within" if elapsed <= SUITE_BUDGET_S else "OVER"
+  fast = terminalreporter.config.getoption("markexpr") == "not slow"
+  budget = FAST_BUDGET_S if fast else SUITE_BUDGET_S
+  verdict = "within" if elapsed <= budget else "OVER"
   terminalreporter.write_line(
-      f"suite time {elapsed:.0f} s, {verdict} the {SUITE_BUDGET_S} s budget "
-      "(tests/conftest.py)")
+      f"{'fast ' if fast else ''}suite time {elapsed:.0f} s, {verdict} the "
+      f"{budget} s budget (tests/conftest.py)")
 
 
 # `make test` runs `-n 2 --dist loadfile`: xdist hands out whole files, by
@@ -66,12 +70,52 @@ SLOW_FILES_FIRST = (
 )
 
 
+# `make test-fast` runs `-m "not slow"`: the slow tests are those that run
+# one of the repository's scripts (train.py, sample.py, convert_torch_ckpt.py,
+# serve.py, benchmarks/bench.py) as a process, start several processes, or
+# train end to end. Marked here, by file or by test, not in each file: a new
+# test of that kind goes in one of these files or into SLOW_TESTS
+# (tests/test_slow_marks.py checks the names, and finds unmarked tests that
+# start a script themselves).
+SLOW_FILES = (
+    "test_train_e2e.py",      # train.py / sample.py processes, kills, resumes
+    "test_multiprocess.py",   # 2 train.py processes x 4 devices, lost peers
+    "test_serve_browser.py",  # serve.py as a process, driven by Chromium
+)
+SLOW_TESTS = {  # file -> tests (names without parameters)
+    "test_datasets.py": {  # 4 train.py runs
+        "test_each_variant_trains_three_steps",
+        "test_reference_recipe_trains_on_sflckr_folders"},
+    "test_data_robustness.py": {  # train.py
+        "test_train_check_data_flag",
+        "test_train_skip_mode_finishes_and_counts_in_metrics"},
+    "test_config_errors.py": {  # train.py
+        "test_train_py_reports_an_unknown_key_in_one_line"},
+    "test_hostile_checkpoints.py": {  # convert_torch_ckpt.py as a process
+        "test_real_cli_process_exits_1_with_one_line"},
+    "test_no_torch.py": {  # the scripts imported and the LDM converted in a
+        "test_product_runs_without_torch"},  # process that blocks torch
+    "test_parallel.py": {  # 2 processes
+        "test_an_error_in_one_process_ends_both_at_once"},
+    "test_benchmarks.py": {  # benchmarks/bench.py
+        "test_benchmark_smoke_run_reports_flops_and_memory"},
+}
+
+
 def pytest_configure(config):
   if hasattr(config.option, "loadscopereorder"):  # xdist loaded
     config.option.loadscopereorder = False
 
 
+def _is_slow(item) -> bool:
+  name = item.path.name
+  return name in SLOW_FILES or item.originalname in SLOW_TESTS.get(name, ())
+
+
 def pytest_collection_modifyitems(items):
+  for item in items:
+    if _is_slow(item):
+      item.add_marker(pytest.mark.slow)
   rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
 
