@@ -63,7 +63,7 @@ def pytest_terminal_summary(terminalreporter):
 # collection order and fill in. Rank by `--durations=0` when a file grows.
 SLOW_FILES_FIRST = (
     "test_train_e2e.py", "test_multiprocess.py", "test_datasets.py",
-    "test_sharded_training.py", "test_guidance_edit_tiles.py",
+    "test_init_from.py", "test_sharded_training.py", "test_guidance_edit_tiles.py",
     "test_benchmarks.py", "test_ldm_training.py", "test_remat.py",
     "test_serve_browser.py", "test_serve_api.py",
     "test_vq_training.py", "test_config_errors.py", "test_data_robustness.py",
@@ -99,6 +99,9 @@ SLOW_TESTS = {  # file -> tests (names without parameters)
         "test_an_error_in_one_process_ends_both_at_once"},
     "test_benchmarks.py": {  # benchmarks/bench.py
         "test_benchmark_smoke_run_reports_flops_and_memory"},
+    "test_init_from.py": {  # train.py fine-tunes (the `finetuned` fixture)
+        "test_cityscapes_fine_tune_prints_its_map_and_resumes_after_sigkill",
+        "test_a_workdir_trained_here_is_a_source_too"},
 }
 
 
