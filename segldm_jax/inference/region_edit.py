@@ -118,15 +118,33 @@ def regenerate_changed_pixels(
   if keep.min() == 1.0:
     raise errors.InputError(f"{names[1]} has the same labels as {names[0]}: "
                             "nothing to edit")
+
+  def regenerate(photos, labels, keep, key):
+    return generation.regenerate_region(
+        model.ldm, model.params, model.first_stage_params, photos, labels,
+        keep, key, **options)
+
+  results = paste_samples(regenerate, photo, new, keep, weight, key,
+                          num_samples, progress)
+  return results, keep, weight
+
+
+def paste_samples(regenerate: Callable[..., Any], photo: np.ndarray,
+                  new: np.ndarray, keep: np.ndarray, weight: np.ndarray,
+                  key: jax.Array, num_samples: int,
+                  progress: Callable[[int, int], None] | None = None
+                  ) -> np.ndarray:
+  """`num_samples` edits of one photo -> uint8 (num_samples, H, W, 3): sample
+  b is `regenerate(photo[None], new[None], keep, fold_in(key, b))` (a
+  `generation.regenerate_region` program) pasted into the photo."""
   results = []
   for b in tqdm.trange(num_samples, desc="edit"):
-    gen = np.asarray(generation.regenerate_region(
-        model.ldm, model.params, model.first_stage_params, photo[None],
-        new[None], keep, jax.random.fold_in(key, b), **options))
-    results.append(composite(photo[None], gen, weight)[0])
+    generated = np.asarray(regenerate(photo[None], new[None], keep,
+                                      jax.random.fold_in(key, b)))
+    results.append(composite(photo[None], generated, weight)[0])
     if progress is not None:
       progress(b + 1, num_samples)
-  return np.stack(results), keep, weight
+  return np.stack(results)
 
 
 def regenerate_and_save(model, photo: np.ndarray, old: np.ndarray,

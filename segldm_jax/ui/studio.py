@@ -288,17 +288,11 @@ class Studio:
     m = self.model
     keep, weight = self.edit_region(labels, new_labels)
     opts = m.sample_options(**options.sample_kwargs())
-    run = self._program(generation.edit, "edit", (
+    regenerate = self._program(generation.regenerate_region, "edit", (
         photo[None], new_labels[None], keep), opts)
-    key, results = jax.random.key(options.seed), []
-    for b in range(options.count):
-      generated = np.asarray(run(photo[None], new_labels[None], keep,
-                                 jax.random.fold_in(key, b)))
-      results.append(region_edit.composite(photo[None], generated,
-                                           weight)[0])
-      if progress is not None:
-        progress(b + 1, options.count)
-    return np.stack(results)
+    return region_edit.paste_samples(
+        regenerate, photo, new_labels, keep, weight,
+        jax.random.key(options.seed), options.count, progress)
 
   def edit_region(self, labels: np.ndarray, new_labels: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray]:
