@@ -114,7 +114,7 @@ def class_set(data_config: Any) -> ClassSet:
     from segldm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     names = tuple("#%02x%02x%02x" % tuple(int(v) for v in rgb)
                   for rgb in synthetic.class_colours(size))
-    return ClassSet("synthetic scenes (classes named by colour)", size, names)
+    return ClassSet("the synthetic scenes", size, names)
   key = str(data_config.get("dataset", "") or "").replace("-", "_")
   if key not in _BUILTIN or len(palette.named(key)[1]) != size:
     key = _BY_COUNT.get(size)
