@@ -2,8 +2,8 @@
 
 Slow tier: one compile of the tiny model for v5e:2x2 takes 1-5 minutes on
 2 cores. It needs libtpu (`pip install -e ".[tpu]"`), which CI does not
-install (a ~100 MB wheel for a compiler no other test uses), so there it is
-skipped, saying so.
+install (~700 MB installed, for a compiler no other test uses), so there it
+is skipped, saying so.
 """
 
 import importlib.util
