@@ -59,32 +59,62 @@ def abstract_train_step(size: str, batch: int, dtype: str, remat: str,
   convolutions (bf16 ones always go to XLA): the frozen encoder's in every
   step, the UNet's in a float32 step.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  from segldm_jax.training import ldm_step  # pylint: disable=g-import-not-at-top
-  from segldm_jax.models import build  # pylint: disable=g-import-not-at-top
-
   config = bench.size_config(size)
   config.train.compute_dtype = dtype
   config.train.batch_size = batch
   config.train.remat = remat
   config.train.encode_chunks = encode_chunks
+  step, args, _ = config_train_step(config, conv)
+  return step, args
+
+
+def config_train_step(config, conv: str = "xla", mesh=None):
+  """train.py's step for `config`, from abstract shapes.
+
+  -> (jitted step, abstract args (state, batch, fs_params, key), state
+  shardings or None). The same function, optimiser, mask geometry and
+  donation as train.py; with a `mesh` also its in/out shardings: the state
+  by `config.sharding_strategy`, the batch over the mesh's batch axes, the
+  first stage and the key replicated. `config.train` holds the global batch,
+  compute dtype, remat and encode_chunks.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from segldm_jax.config import run_config  # pylint: disable=g-import-not-at-top
+  from segldm_jax.training import ldm_step  # pylint: disable=g-import-not-at-top
+  from segldm_jax.models import build  # pylint: disable=g-import-not-at-top
+  from segldm_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+
+  geometry = run_config.geometry(config)  # the sizes train.py checks first
+  batch = int(config.train.batch_size)
   ldm = build.build_model(config.model, dtype=jnp.float32, conv=conv)
   optimizer = ldm_step.make_optimizer(config.train)
   params = {"unet": build.param_shapes(ldm.unet),
             "cond_stage": build.param_shapes(ldm.cond_stage)}
   state = jax.eval_shape(lambda p: ldm_step.init_state(p, optimizer),
                          params)
-  hw = int(config.data.image_size)
-  data = {"image": jax.ShapeDtypeStruct((batch, hw, hw, 3), jnp.uint8),
-          "labels": jax.ShapeDtypeStruct((batch, hw, hw), jnp.uint8)}
+  data = {"image": jax.ShapeDtypeStruct(
+              (batch, geometry.image, geometry.image, 3), jnp.uint8),
+          "labels": jax.ShapeDtypeStruct(
+              (batch, geometry.mask, geometry.mask), jnp.uint8)}
   fs_params = build.param_shapes(ldm.first_stage)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  step = ldm_step.make_train_step(ldm, optimizer, config.train)
-  # As train.py: the state is donated, so the new one reuses its buffers.
-  return (jax.jit(step, donate_argnums=(0,)),
-          (state, data, fs_params, key))
+  step = ldm_step.make_train_step(ldm, optimizer, config.train,
+                                  geometry.mask_stages)
+  args = (state, data, fs_params, key)
+  if mesh is None:
+    # As train.py: the state is donated, so the new one reuses its buffers.
+    return jax.jit(step, donate_argnums=(0,)), args, None
+  repl = sharding.replicated(mesh)
+  state_shardings = sharding.shardings_from_rules(
+      state, mesh, config.sharding_strategy)
+  return (jax.jit(step, in_shardings=(state_shardings,
+                                      sharding.batch_sharding(mesh), repl,
+                                      repl),
+                  out_shardings=(state_shardings, repl),
+                  donate_argnums=(0,)),
+          args, state_shardings)
 
 
 def unet_residual_bytes(unet, params, batch: int, latent: int, channels: int,
