@@ -237,6 +237,7 @@ def test_preemption_and_a_lost_process(runs, tmp_path):
 
 _IDLE = """
 import sys, time
+from segldm_jax.runtime import distributed, peers
 port, me, workdir = sys.argv[1:4]
 distributed.maybe_initialize_distributed(f"localhost:{port}", 2, int(me),
                                       heartbeat_timeout_s=3)
