@@ -65,6 +65,7 @@ import json
 import math
 import os
 import re
+import resource
 import sys
 import time
 
@@ -141,6 +142,7 @@ def slice_devices(topology: str):
 
 def load_config(spec: str, overrides=()):
   """`tiny` | `configs/seg_f4.py:VARIANT` -> the ConfigDict train.py gets."""
+  name = spec
   if ".py" not in spec:
     spec = f"{os.path.join(ROOT, 'configs', 'seg_f4.py')}:{spec}"
   path, _, arg = spec.partition(":")
@@ -157,7 +159,9 @@ def load_config(spec: str, overrides=()):
     node = config
     *parents, leaf = key.split(".")
     for p in parents:
-      node = node[p]
+      node = node.get(p) if hasattr(node, "get") else None
+    if not hasattr(node, "get") or leaf not in node:
+      raise SystemExit(f"--set {item}: {name} has no config key {key!r}")
     with config.unlocked():
       node[leaf] = value
   return config
@@ -415,6 +419,9 @@ def analyse(name: str, jitted, args, chip: Chip, per_chip_images: int,
       jax.make_jaxpr(jitted)(*args).jaxpr) / chips
   # CPU seconds too: wall time on a shared machine says little.
   r = {"lower_s": t1 - t0, "compile_s": t2 - t1, "compile_cpu_s": c2 - c1,
+       # This process's largest RSS so far: the compiler's memory, at most.
+       "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                        * 1024,
        "memory": _memory(compiled),
        "flops": fl, "bytes_accessed": by,
        "optimal_seconds": optimal + uncosted,
@@ -442,7 +449,8 @@ def print_program(name: str, r: dict, chip: Chip, state=None) -> None:
   m = r["memory"]
   print(f"\n[{name}] per chip, {r['images_per_chip']} image(s): compiled in "
         f"{r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} s of CPU; lowered "
-        f"in {r['lower_s']:.1f} s)")
+        f"in {r['lower_s']:.1f} s; process RSS up to "
+        f"{r['max_rss_bytes'] / GB:.1f} GB)")
   if state:
     print(f"  state        params {_gb(state['params'])} GB, AdamW "
           f"{_gb(state['optimizer'])} GB, EMA {_gb(state['ema'])} GB; first "
