@@ -40,9 +40,13 @@ test: $(VENV)/.installed browser
 # The inner loop: every test but the slow ones (tests/conftest.py marks
 # those: train.py, sample.py or convert_torch_ckpt.py run as a process,
 # several processes at once, end-to-end training, the browser). No browser
-# needed. `make test` (CI) still runs everything.
+# needed. Compiled programs are kept in TEST_XLA_CACHE between runs, so a
+# rerun compiles only what an edit changed. `make test` (CI) still runs
+# everything, from a cold cache.
+TEST_XLA_CACHE ?= $(VENV)/test-xla-cache
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 -m "not slow" tests
+	SEGLDM_TEST_XLA_CACHE=$(abspath $(TEST_XLA_CACHE)) \
+	  $(PY) -m pytest -q -n 2 --dist loadfile --durations=10 -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

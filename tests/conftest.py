@@ -24,7 +24,22 @@ if "xla_force_host_platform_device_count" not in _XLA_FLAGS:
   os.environ["XLA_FLAGS"] = (_XLA_FLAGS
                              + " --xla_force_host_platform_device_count=8")
 
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+# `make test-fast` keeps that cache between runs (SEGLDM_TEST_XLA_CACHE, a
+# folder in the venv): compiling is most of the inner loop's time, and a
+# rerun then compiles only the programs an edit changed (jax keys each by
+# its HLO, flags and versions). Emptied once it outgrows _KEPT_CACHE_BYTES
+# (jax's own size limit needs the filelock package).
+_KEPT_CACHE_BYTES = 2 << 30
+_KEPT_CACHE = os.environ.get("SEGLDM_TEST_XLA_CACHE")
+if _KEPT_CACHE and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _kept = pathlib.Path(_KEPT_CACHE)
+  if _kept.is_dir() and sum(f.stat().st_size for f in _kept.rglob("*")
+                            if f.is_file()) > _KEPT_CACHE_BYTES:
+    shutil.rmtree(_kept, ignore_errors=True)
+  _kept.mkdir(parents=True, exist_ok=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_kept)
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+elif "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix="segldm_test_xla_cache_")
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
