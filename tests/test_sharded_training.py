@@ -58,11 +58,23 @@ def _mesh_and_shardings(mesh_name):
 
 
 @functools.cache
+def _initial_state():
+  """The state every mesh starts from, on the host: initialised once, then
+  placed onto each mesh (born-sharded init is tests/test_parallel.py's; its
+  RNG-heavy program took ~40 s to compile here per mesh)."""
+  _, _, _, init, _ = _mesh_and_shardings("1 device")
+  return jax.device_get(jax.jit(init)(jax.random.key(0)))
+
+
+@functools.cache
 def _train(mesh_name):
-  ldm, mesh, optimizer, init, shardings = _mesh_and_shardings(mesh_name)
+  ldm, mesh, optimizer, _, shardings = _mesh_and_shardings(mesh_name)
   rng = jax.random.key(0)
   repl = sharding.replicated(mesh)
-  state, fs = jax.jit(init, out_shardings=(shardings, repl))(rng)
+  host_state, host_fs = _initial_state()
+  # Fresh device arrays from host values: the step donates its state.
+  state = jax.device_put(host_state, shardings)
+  fs = jax.device_put(host_fs, repl)
   step = jax.jit(ldm_step.make_train_step(ldm, optimizer, TRAIN),
                  in_shardings=(shardings, sharding.batch_sharding(mesh), repl,
                                repl),
