@@ -28,21 +28,27 @@ if "xla_force_host_platform_device_count" not in _XLA_FLAGS:
 # folder in the venv): compiling is most of the inner loop's time, and a
 # rerun then compiles only the programs an edit changed (jax keys each by
 # its HLO, flags and versions). Emptied once it outgrows _KEPT_CACHE_BYTES
-# (jax's own size limit needs the filelock package).
+# (jax's own size limit needs the filelock package). Otherwise the cache
+# lives for this session only. xdist's workers inherit the controller's.
 _KEPT_CACHE_BYTES = 2 << 30
-_KEPT_CACHE = os.environ.get("SEGLDM_TEST_XLA_CACHE")
-if _KEPT_CACHE and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _kept = pathlib.Path(_KEPT_CACHE)
-  if _kept.is_dir() and sum(f.stat().st_size for f in _kept.rglob("*")
-                            if f.is_file()) > _KEPT_CACHE_BYTES:
-    shutil.rmtree(_kept, ignore_errors=True)
-  _kept.mkdir(parents=True, exist_ok=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_kept)
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-elif "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _CACHE = tempfile.mkdtemp(prefix="segldm_test_xla_cache_")
-  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+
+
+def _session_cache_dir() -> str:
+  kept = os.environ.get("SEGLDM_TEST_XLA_CACHE")
+  if not kept:
+    fresh = tempfile.mkdtemp(prefix="segldm_test_xla_cache_")
+    atexit.register(shutil.rmtree, fresh, ignore_errors=True)
+    return fresh
+  kept = pathlib.Path(kept)
+  if kept.is_dir() and sum(f.stat().st_size for f in kept.rglob("*")
+                           if f.is_file()) > _KEPT_CACHE_BYTES:
+    shutil.rmtree(kept, ignore_errors=True)
+  kept.mkdir(parents=True, exist_ok=True)
+  return str(kept)
+
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_cache_dir()
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 from segldm_jax.runtime import xla_cpu  # pylint: disable=g-import-not-at-top
