@@ -6,9 +6,11 @@ program loaded from the cache is the very program compiled before, so it
 saves minutes of compiling without changing a single result.
 """
 import atexit
+import multiprocessing.process
 import os
 import pathlib
 import shutil
+import subprocess
 import tempfile
 import time
 
@@ -49,7 +51,11 @@ def _session_cache_dir() -> str:
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_cache_dir()
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  # Every program, as train.py keeps them (runtime/compilation_cache.py): a
+  # rerun of the fast tier read back its ~100 large programs but compiled
+  # ~1,300 small ones again, 85 s of its workers' time against ~30 s to
+  # read them back.
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 from segldm_jax.runtime import xla_cpu  # pylint: disable=g-import-not-at-top
 
@@ -91,17 +97,17 @@ SLOW_FILES_FIRST = (
 )
 
 
-# `make test-fast` runs `-m "not slow"`: the slow tests are those that run
-# one of the repository's scripts (train.py, sample.py, convert_torch_ckpt.py,
-# serve.py, benchmarks/bench.py) as a process, start several processes, or
-# train end to end. Marked here, by file or by test, not in each file: a new
-# test of that kind goes in one of these files or into SLOW_TESTS
-# (tests/test_slow_marks.py checks the names, and finds unmarked tests that
-# start a script themselves).
+# `make test-fast` runs `-m "not slow"`: the slow tests are those that start
+# a process (one of the repository's scripts, serve.py, `python -c` for a
+# fresh interpreter, several processes at once) or train end to end. Marked
+# here, by file or by test, not in each file. Unmarked tests run in-process
+# only: `_refuse_processes` below fails one that starts a process, and
+# tests/test_slow_marks.py checks that the names exist.
 SLOW_FILES = (
     "test_train_e2e.py",      # train.py / sample.py processes, kills, resumes
     "test_multiprocess.py",   # 2 train.py processes x 4 devices, lost peers
     "test_serve_browser.py",  # serve.py as a process, driven by Chromium
+    "test_serve_load.py",     # serve.py as a process under load
 )
 SLOW_TESTS = {  # file -> tests (names without parameters)
     "test_datasets.py": {  # 4 train.py runs
@@ -110,8 +116,9 @@ SLOW_TESTS = {  # file -> tests (names without parameters)
     "test_data_robustness.py": {  # train.py
         "test_train_check_data_flag",
         "test_train_skip_mode_finishes_and_counts_in_metrics"},
-    "test_config_errors.py": {  # train.py
-        "test_train_py_reports_an_unknown_key_in_one_line"},
+    "test_config_errors.py": {  # train.py; a save that fills the disk
+        "test_train_py_reports_an_unknown_key_in_one_line",
+        "test_failed_background_save_ends_the_run_in_one_line"},
     "test_hostile_checkpoints.py": {  # convert_torch_ckpt.py as a process
         "test_real_cli_process_exits_1_with_one_line"},
     "test_no_torch.py": {  # the scripts imported and the LDM converted in a
@@ -123,6 +130,16 @@ SLOW_TESTS = {  # file -> tests (names without parameters)
     "test_init_from.py": {  # train.py fine-tunes (the `finetuned` fixture)
         "test_cityscapes_fine_tune_prints_its_map_and_resumes_after_sigkill",
         "test_a_workdir_trained_here_is_a_source_too"},
+    # A fresh interpreter: what one import loads, the user's cache folder, a
+    # checkpoint's pages that a new process maps, the API outside the repo.
+    "test_architecture.py": {"test_sampling_loads_no_training_code"},
+    "test_compilation_cache.py": {
+        "test_default_folder_is_in_the_user_cache_and_a_recompile_hits",
+        "test_a_config_folder_moves_it_and_empty_turns_it_off"},
+    "test_torch_io.py": {"test_large_checkpoint_is_memory_mapped"},
+    "test_painted_masks.py": {"test_load_and_sample_from_outside_the_repo"},
+    "test_data.py": {  # grain's worker processes
+        "test_state_restore_gives_identical_next_batches[2]"},
 }
 
 
@@ -133,7 +150,40 @@ def pytest_configure(config):
 
 def _is_slow(item) -> bool:
   name = item.path.name
-  return name in SLOW_FILES or item.originalname in SLOW_TESTS.get(name, ())
+  marked = SLOW_TESTS.get(name, ())
+  return (name in SLOW_FILES or item.originalname in marked
+          or item.name in marked)  # one parameter of a test: "test_x[2]"
+
+
+def _refuse_processes(item):
+  """Wraps one test's setup or call: outside the slow tier, starting a
+  process fails the test, so the tier's definition holds by itself."""
+  if item.get_closest_marker("slow"):
+    yield
+    return
+  popen, start = subprocess.Popen, multiprocessing.process.BaseProcess.start
+
+  def refused(what):
+    raise AssertionError(
+        f"{item.nodeid} starts a process ({str(what)[:80]}): make it an "
+        "in-process test or mark it slow (SLOW_TESTS in tests/conftest.py)")
+
+  subprocess.Popen = lambda args, *_, **__: refused(args)
+  multiprocessing.process.BaseProcess.start = refused  # data loader workers
+  try:
+    yield
+  finally:
+    subprocess.Popen, multiprocessing.process.BaseProcess.start = popen, start
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):  # session and module fixtures included
+  yield from _refuse_processes(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+  yield from _refuse_processes(item)
 
 
 def pytest_collection_modifyitems(items):
