@@ -38,9 +38,9 @@ test: $(VENV)/.installed browser
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 tests
 
 # The inner loop: every test but the slow ones (tests/conftest.py marks
-# those: train.py, sample.py or convert_torch_ckpt.py run as a process,
-# several processes at once, end-to-end training, the browser). No browser
-# needed. Compiled programs are kept in TEST_XLA_CACHE between runs, so a
+# those: any process started (train.py, sample.py, serve.py, the browser,
+# `python -c`, data loader workers) or end-to-end training; it fails an
+# unmarked test that starts one). No browser needed. Compiled programs are kept in TEST_XLA_CACHE between runs, so a
 # rerun compiles only what an edit changed. `make test` (CI) still runs
 # everything, from a cold cache.
 TEST_XLA_CACHE ?= $(VENV)/test-xla-cache
