@@ -130,8 +130,8 @@ def slice_devices(topology: str):
   except jax.errors.JaxRuntimeError as e:
     if "lockfile" in str(e):
       raise SystemExit(
-          "libtpu is in use by another process (/tmp/libtpu_lockfile; one "
-          "libtpu process at a time): wait for it to finish") from None
+          "libtpu is in use by another process (one libtpu process at a "
+          f"time): wait for it to finish ({e})") from None
     raise SystemExit(f"--topology {topology!r}: {e}") from None
   chip = CHIPS[name]
   if devices[0].device_kind != chip.device_kind:

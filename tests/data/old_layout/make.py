@@ -113,6 +113,17 @@ def _run(cmd, cwd, env):
     sys.exit(f"failed ({r.returncode}): {cmd}")
 
 
+def _drop_folder_from_texts(folder: pathlib.Path, tmp: pathlib.Path) -> None:
+  """Paths under `tmp` become relative in the text files orbax and the
+  converter write (commit markers, config.json's `converted_from`): they
+  only inform, and the repository keeps no machine's paths."""
+  for path in folder.rglob("*"):
+    if path.suffix in (".txt", ".json") and path.is_file():
+      text = path.read_text()
+      if str(tmp) in text:
+        path.write_text(text.replace(f"{tmp}/", ""))
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--old_repo", type=pathlib.Path, default=pathlib.Path.cwd(),
@@ -146,6 +157,7 @@ def main():
       shutil.copytree(tmp / name, out / name,
                       ignore=shutil.ignore_patterns("tensorboard", "samples",
                                                     "previews"))
+      _drop_folder_from_texts(out / name, tmp)
     np.save(out / "masks.npy", masks())
     spec = {"cases": CASES, "num_samples": NUM_SAMPLES, "seed": SEED}
     _run([py, "-c", _SAMPLE, out, json.dumps(spec)], old, env)
