@@ -40,9 +40,9 @@ test: $(VENV)/.installed browser
 # The inner loop: every test but the slow ones (tests/conftest.py marks
 # those: any process started (train.py, sample.py, serve.py, the browser,
 # `python -c`, data loader workers) or end-to-end training; it fails an
-# unmarked test that starts one). No browser needed. Compiled programs are kept in TEST_XLA_CACHE between runs, so a
-# rerun compiles only what an edit changed. `make test` (CI) still runs
-# everything, from a cold cache.
+# unmarked test that starts one). No browser needed. Compiled programs are
+# kept in TEST_XLA_CACHE between runs, so a rerun compiles only what an
+# edit changed. `make test` (CI) still runs everything, from a cold cache.
 TEST_XLA_CACHE ?= $(VENV)/test-xla-cache
 test-fast: $(VENV)/.installed
 	SEGLDM_TEST_XLA_CACHE=$(abspath $(TEST_XLA_CACHE)) \
