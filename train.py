@@ -138,10 +138,14 @@ def main(argv):
   # ===================================================================== #
   #                             Train step                                #
   # ===================================================================== #
-  step_fn = loop.jit_train_step(  # (state, batch, fs_params, rng)
-      ldm_step.make_train_step(ldm, start.optimizer, config.train,
-                               geometry.mask_stages),
-      mesh, state_shardings, replicated_args=2)
+  # Two programs: the frozen encoder, then the UNet and rescaler's update.
+  encode_fn = loop.jit_encoder(  # (image, fs_params) -> latents
+      ldm_step.make_encoder(ldm, config.train), mesh)
+  step_fn = loop.jit_train_step(  # (state, batch of latents, rng)
+      ldm_step.make_latent_train_step(
+          ldm, start.optimizer, config.train, geometry.mask_stages,
+          gather_weights=sharding.gathered_for_compute(mesh)),
+      mesh, state_shardings, replicated_args=1)
 
   # ===================================================================== #
   #                          Logs and previews                            #
@@ -166,10 +170,11 @@ def main(argv):
   lr = ldm_step.lr_schedule(config.train)
   step, total = start.step, config.train.steps
   if step < total:
-    step_fn = distributed.compile_for_all(step_fn, state, first_batch, fs_params,
-                                          rng, name="train_step_compiled")
+    encode_fn, step_fn = loop.compile_ldm_programs(
+        encode_fn, step_fn, state, first_batch, fs_params, rng)
   while step < total and stop.signum is None:
-    state, metrics = step_fn(state, next(batches), fs_params, rng)
+    batch = loop.encoded(next(batches), encode_fn, fs_params)
+    state, metrics = step_fn(state, batch, rng)
     step += 1
     log.advance()
     if log.due(step):  # device_get waits for the step

@@ -64,27 +64,70 @@ def abstract_train_step(size: str, batch: int, dtype: str, remat: str,
   config.train.batch_size = batch
   config.train.remat = remat
   config.train.encode_chunks = encode_chunks
-  step, args, _ = config_train_step(config, conv)
-  return step, args
+  return config_train_step(config, conv)
 
 
-def config_train_step(config, conv: str = "xla", mesh=None):
-  """train.py's step for `config`, from abstract shapes.
+def config_train_step(config, conv: str = "xla"):
+  """The reference's whole training step for `config`, as one program,
+  from abstract shapes.
 
-  -> (jitted step, abstract args (state, batch, fs_params, key), state
-  shardings or None). The same function, optimiser, mask geometry and
-  donation as train.py; with a `mesh` also its in/out shardings: the state
-  by `config.sharding_strategy`, the batch over the mesh's batch axes, the
-  first stage and the key replicated. `config.train` holds the global batch,
-  compute dtype, remat and encode_chunks.
+  -> (jitted step, abstract args (state, batch, fs_params, key)). The same
+  functions, optimiser, mask geometry and donation as train.py, which runs
+  them as two programs (`config_train_programs`); one program keeps these
+  CPU figures comparable across versions. `config.train` holds the global
+  batch, compute dtype, remat and encode_chunks.
   """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from segldm_jax.training import ldm_step  # pylint: disable=g-import-not-at-top
+
+  ldm, optimizer, state, data, fs_params, key, mask_stages = _abstract_run(
+      config, conv)
+  step = ldm_step.make_train_step(ldm, optimizer, config.train, mask_stages)
+  # As train.py: the state is donated, so the new one reuses its buffers.
+  return jax.jit(step, donate_argnums=(0,)), (state, data, fs_params, key)
+
+
+def config_train_programs(config, mesh, conv: str = "xla"):
+  """train.py's two programs for `config` on `mesh`, from abstract shapes:
+  the frozen encoder and the step on its latents, jitted by the functions
+  train.py calls (loop.jit_encoder, loop.jit_train_step), with the state's
+  shardings from `config.sharding_strategy` and FSDP's weights gathered for
+  compute.
+
+  -> ({"encode": (jitted, (image, fs_params)), "step": (jitted, (state,
+  batch, key))}, state shardings).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from segldm_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  from segldm_jax.training import ldm_step  # pylint: disable=g-import-not-at-top
+  from segldm_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+  ldm, optimizer, state, data, fs_params, key, mask_stages = _abstract_run(
+      config, conv)
+  state_shardings = sharding.shardings_from_rules(
+      state, mesh, config.sharding_strategy)
+  encode = loop.jit_encoder(ldm_step.make_encoder(ldm, config.train), mesh)
+  step = loop.jit_train_step(
+      ldm_step.make_latent_train_step(
+          ldm, optimizer, config.train, mask_stages,
+          gather_weights=sharding.gathered_for_compute(mesh)),
+      mesh, state_shardings, replicated_args=1)
+  batch = loop.encoded(data, lambda *a: jax.eval_shape(encode, *a), fs_params)
+  return ({"encode": (encode, (data["image"], fs_params)),
+           "step": (step, (state, batch, key))}, state_shardings)
+
+
+def _abstract_run(config, conv: str):
+  """-> (ldm, optimiser, abstract state, batch, first stage, key, mask
+  stages) for `config`: nothing allocated."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from segldm_jax.config import run_config  # pylint: disable=g-import-not-at-top
-  from segldm_jax.training import ldm_step  # pylint: disable=g-import-not-at-top
   from segldm_jax.models import build  # pylint: disable=g-import-not-at-top
-  from segldm_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  from segldm_jax.training import ldm_step  # pylint: disable=g-import-not-at-top
 
   geometry = run_config.geometry(config)  # the sizes train.py checks first
   batch = int(config.train.batch_size)
@@ -100,21 +143,7 @@ def config_train_step(config, conv: str = "xla", mesh=None):
               (batch, geometry.mask, geometry.mask), jnp.uint8)}
   fs_params = build.param_shapes(ldm.first_stage)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  step = ldm_step.make_train_step(ldm, optimizer, config.train,
-                                  geometry.mask_stages)
-  args = (state, data, fs_params, key)
-  if mesh is None:
-    # As train.py: the state is donated, so the new one reuses its buffers.
-    return jax.jit(step, donate_argnums=(0,)), args, None
-  repl = sharding.replicated(mesh)
-  state_shardings = sharding.shardings_from_rules(
-      state, mesh, config.sharding_strategy)
-  return (jax.jit(step, in_shardings=(state_shardings,
-                                      sharding.batch_sharding(mesh), repl,
-                                      repl),
-                  out_shardings=(state_shardings, repl),
-                  donate_argnums=(0,)),
-          args, state_shardings)
+  return ldm, optimizer, state, data, fs_params, key, geometry.mask_stages
 
 
 def unet_residual_bytes(unet, params, batch: int, latent: int, channels: int,

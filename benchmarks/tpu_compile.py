@@ -1,23 +1,25 @@
-r"""Compile train.py's step (and sampling) for a TPU slice, on any CPU.
+r"""Compile train.py's programs (and sampling) for a TPU slice, on any CPU.
 
 Builds, for a named slice (`--topology v5e:2x2`, `v5e:16x16`, `v5p:4x4x4`,
-`v6e:2x2`, ...), exactly the program train.py runs there: the same step
-function (benchmarks/memory.py:config_train_step), the state's shardings
-from `config.mesh` and `config.sharding_strategy`, the batch over the mesh's
-batch axes, the state donated, `train.remat`, `train.encode_chunks`,
-`train.grad_accum` and the compute dtype. libtpu compiles it for the slice's
-devices without a TPU (jax.experimental.topologies), so nothing runs and
-nothing the size of the model is allocated. Then, unless `--no_sample`,
-the sampling programs at the same size: one DPM-Solver++(2M) step with
-classifier-free guidance (the UNet on 2B rows) and the VQ decode.
+`v6e:2x2`, ...), exactly the programs train.py runs there, from the same
+functions (benchmarks/memory.py:config_train_programs): the frozen encoder
+on the batch's images, then the step on their latents, with the state's
+shardings from `config.mesh` and `config.sharding_strategy`, FSDP's weights
+gathered for compute, the batch over the mesh's batch axes, the state
+donated, `train.remat`, `train.encode_chunks`, `train.grad_accum` and the
+compute dtype. libtpu compiles them for the slice's devices without a TPU
+(jax.experimental.topologies), so nothing runs and nothing the size of the
+model is allocated. Then, unless `--no_sample`, the sampling programs at
+the same size: one DPM-Solver++(2M) step with classifier-free guidance (the
+UNet on 2B rows) and the VQ decode.
 
 Per chip, for each program:
   memory    parameters, AdamW, EMA, first stage, batch (the state's shards
             from its shardings), XLA's arguments, temporaries and peak
             (arguments + outputs - aliased + temporaries) against the chip's
-            HBM. train.py keeps the whole frozen VQ on every chip but the
-            step reads only its encoder, so XLA leaves the rest out of the
-            program's arguments; the train step's peak on the chip adds it
+            HBM, plus what the other program keeps there meanwhile (the
+            whole frozen VQ during the step; the train state and the VQ's
+            decoder during the encoder); a train step's peak is the larger
   cost      XLA's cost analysis: flops, bytes accessed, optimal_seconds
             (libtpu 0.0.42 counts -1 s per ConcatBitcast custom-call, which
             made the figure negative; those seconds are added back); the
@@ -396,6 +398,7 @@ def analyse(name: str, jitted, args, chip: Chip, per_chip_images: int,
   import jax  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   lowered = jitted.lower(*args)
+  rss_before = _current_rss()
   t1, c1 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
   t2, c2 = time.perf_counter(), time.process_time()
@@ -422,6 +425,9 @@ def analyse(name: str, jitted, args, chip: Chip, per_chip_images: int,
        # This process's largest RSS so far: the compiler's memory, at most.
        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                         * 1024,
+       # What the process held before compiling (Python, jax, the traced
+       # program): the compiler's own memory is at most the difference.
+       "rss_before_compile_bytes": rss_before,
        "memory": _memory(compiled),
        "flops": fl, "bytes_accessed": by,
        "optimal_seconds": optimal + uncosted,
@@ -438,6 +444,15 @@ def analyse(name: str, jitted, args, chip: Chip, per_chip_images: int,
   return r, compiled
 
 
+def _current_rss() -> int:
+  """This process's resident memory now, in bytes (Linux; 0 elsewhere)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, IndexError):
+    return 0
+
+
 # ------------------------------------------------------------------------- #
 #                                  Report                                   #
 # ------------------------------------------------------------------------- #
@@ -450,19 +465,20 @@ def print_program(name: str, r: dict, chip: Chip, state=None) -> None:
   print(f"\n[{name}] per chip, {r['images_per_chip']} image(s): compiled in "
         f"{r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} s of CPU; lowered "
         f"in {r['lower_s']:.1f} s; process RSS up to "
-        f"{r['max_rss_bytes'] / GB:.1f} GB)")
+        f"{r['max_rss_bytes'] / GB:.1f} GB, from "
+        f"{r['rss_before_compile_bytes'] / GB:.1f} GB before compiling)")
   if state:
     print(f"  state        params {_gb(state['params'])} GB, AdamW "
           f"{_gb(state['optimizer'])} GB, EMA {_gb(state['ema'])} GB; first "
-          f"stage {_gb(state['first_stage'])} GB (the step reads "
-          f"{_gb(state['first_stage_read'])}); batch {_gb(state['batch'])}"
-          " GB")
+          f"stage {_gb(state['first_stage'])} GB (the encoder reads "
+          f"{_gb(state['first_stage_read'])}); batch (latents, labels) "
+          f"{_gb(state['batch'])} GB")
   peak = m.get("peak_on_chip", m["peak"])
   print(f"  memory       arguments {_gb(m['arguments'])} GB + outputs "
         f"{_gb(m['outputs'])} GB - aliased {_gb(m['aliased'])} GB + "
         f"temporaries {_gb(m['temporaries'])} GB = peak {_gb(m['peak'])} GB"
-        + (f" (+ {_gb(m['held_outside'])} GB of first stage train.py holds "
-           "and the step does not read)" if m.get("held_outside") else "")
+        + (f" (+ {_gb(m['held_outside'])} GB {m['held_what']} in HBM "
+           "meanwhile)" if m.get("held_outside") else "")
         + f"; {_gb(peak)} GB of {chip.hbm_bytes / GB:.0f} GB HBM "
         f"({100 * peak / chip.hbm_bytes:.1f}%"
         f"{'' if m['fits'] else ', DOES NOT FIT'})")
@@ -493,13 +509,21 @@ def print_program(name: str, r: dict, chip: Chip, state=None) -> None:
 
 
 def train_once(config, mesh, chip, chips, per_chip, remat, hlo_dir=""):
-  """Compiles train.py's step at `per_chip` images per chip for `remat`."""
+  """Compiles train.py's two programs at `per_chip` images per chip for
+  `remat`: the frozen encoder, then the step on its latents.
+
+  -> (the step's figures, with "encode" (the encoder's) and "together" (a
+  train step as train.py runs it: both programs, one after the other),
+  {"state", "shardings", "compiled": the step's compiled program}).
+  """
   import copy  # pylint: disable=g-import-not-at-top
   config = copy.deepcopy(config)
   config.train.batch_size = per_chip * batch_shards(mesh)
   config.train.remat = remat
-  step, args, shardings = memory.config_train_step(config, "xla", mesh)
-  state, data, fs_params, _ = args
+  programs, shardings = memory.config_train_programs(config, mesh)
+  encode, (image, fs_params) = programs["encode"]
+  step, step_args = programs["step"]
+  state, data, _ = step_args
   from segldm_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   rows = jax.tree.map(lambda _: sharding.batch_sharding(mesh), data)
@@ -510,22 +534,69 @@ def train_once(config, mesh, chip, chips, per_chip, remat, hlo_dir=""):
            "first_stage": shard_bytes(fs_params, repl),
            "batch": shard_bytes(data, rows),
            "state_total": memory.nbytes(state)}
-  r, compiled = analyse(f"train_{remat}_b{per_chip}", step, args, chip,
+  enc, enc_compiled = analyse(f"encode_b{per_chip}", encode,
+                              (image, fs_params), chip, per_chip, chips,
+                              hlo_dir)
+  r, compiled = analyse(f"train_{remat}_b{per_chip}", step, step_args, chip,
                         per_chip, chips, hlo_dir)
   # jit leaves out the arguments a program does not read (their input
-  # sharding is None): the step reads the encoder of the first stage, while
+  # sharding is None): the encoder reads the first stage's encoder, while
   # train.py keeps the whole VQ on every chip.
-  read = jax.tree.leaves(compiled.input_shardings[0][2],
+  read = jax.tree.leaves(enc_compiled.input_shardings[0][1],
                          is_leaf=lambda x: x is None)
   split["first_stage_read"] = sum(
       x.size * x.dtype.itemsize
       for x, s in zip(jax.tree.leaves(fs_params), read) if s is not None)
   r["state"] = split
-  m = r["memory"]
-  m["held_outside"] = split["first_stage"] - split["first_stage_read"]
-  m["peak_on_chip"] = m["peak"] + m["held_outside"]
-  m["fits"] = m["peak_on_chip"] <= chip.hbm_bytes
+  # What else sits in HBM while each program runs: the first stage during
+  # the step; the train state and the unread decoder during the encoder.
+  held = {"step": (split["first_stage"], "of first stage"),
+          "encode": (split["params"] + split["optimizer"] + split["ema"]
+                     + split["first_stage"] - split["first_stage_read"],
+                     "of train state and VQ decoder")}
+  for name, x in (("step", r), ("encode", enc)):
+    m = x["memory"]
+    m["held_outside"], m["held_what"] = held[name]
+    m["peak_on_chip"] = m["peak"] + m["held_outside"]
+    m["fits"] = m["peak_on_chip"] <= chip.hbm_bytes
+  r["encode"] = enc
+  r["together"] = together(r, enc, chip, per_chip)
   return r, {"state": state, "shardings": shardings, "compiled": compiled}
+
+
+def together(step: dict, enc: dict, chip: Chip, per_chip: int) -> dict:
+  """A train step as train.py runs it: the encoder's program, then the
+  step's, on the same chip (their times add; the larger peak counts)."""
+  fl = step["flops"] + enc["flops"]
+  by = step["bytes_accessed"] + enc["bytes_accessed"]
+  roof = step["roofline_s"] + enc["roofline_s"]
+  peak = max(step["memory"]["peak_on_chip"], enc["memory"]["peak_on_chip"])
+  return {"compile_s": step["compile_s"] + enc["compile_s"],
+          "compile_cpu_s": step["compile_cpu_s"] + enc["compile_cpu_s"],
+          "max_rss_bytes": max(step["max_rss_bytes"], enc["max_rss_bytes"]),
+          "flops": fl, "bytes_accessed": by,
+          "analytic_model_flops": (step["analytic_model_flops"]
+                                   + enc["analytic_model_flops"]),
+          "intensity": fl / by if by else float("nan"),
+          "optimal_seconds": (step["optimal_seconds"]
+                              + enc["optimal_seconds"]),
+          "roofline_s": roof,
+          "images_per_s": per_chip / roof if roof > 0 else float("nan"),
+          "peak_on_chip": peak, "fits": peak <= chip.hbm_bytes}
+
+
+def print_together(t: dict, chip: Chip, per_chip: int) -> None:
+  print(f"\n[both, as train.py runs them] per chip, {per_chip} image(s): "
+        f"compiled in {t['compile_s']:.1f} s ({t['compile_cpu_s']:.1f} s of "
+        f"CPU; process RSS up to {t['max_rss_bytes'] / GB:.1f} GB); peak "
+        f"{_gb(t['peak_on_chip'])} GB of {chip.hbm_bytes / GB:.0f} GB"
+        f"{'' if t['fits'] else ', DOES NOT FIT'}; "
+        f"{t['flops'] / 1e9:.2f} GFLOP (analytic "
+        f"{t['analytic_model_flops'] / 1e9:.2f}), "
+        f"{t['bytes_accessed'] / GB:.3f} GB, intensity {t['intensity']:.1f}"
+        f" flop/byte; XLA optimal_seconds {t['optimal_seconds'] * 1e3:.3f}"
+        f" ms; roofline {t['roofline_s'] * 1e3:.3f} ms -> "
+        f"{t['images_per_s']:.1f} images/s per chip")
 
 
 def find_max_batch(config, mesh, chip, chips, remat, start: int, limit: int,
@@ -536,10 +607,10 @@ def find_max_batch(config, mesh, chip, chips, remat, start: int, limit: int,
   def peak(b):
     if b not in peaks:
       r, _ = train_once(config, mesh, chip, chips, b, remat)
-      peaks[b] = r["memory"]["peak_on_chip"]
+      peaks[b] = r["together"]["peak_on_chip"]
       log(f"  remat {remat}: {b}/chip -> peak {_gb(peaks[b])} GB "
           f"({'fits' if peaks[b] <= chip.hbm_bytes else 'too big'}; "
-          f"compiled in {r['compile_s']:.0f} s)")
+          f"compiled in {r['together']['compile_s']:.0f} s)")
     return peaks[b]
 
   lo = max(1, start)
@@ -680,13 +751,16 @@ def main(argv=None) -> int:
                           args.hlo_dir)
     abstract = (extra["state"], extra["shardings"])
     results["train"][remat] = r
-    print_program(f"train step, remat {remat}", r, chip, r["state"])
+    print_program(f"train step on latents, remat {remat}", r, chip,
+                  r["state"])
+    print_program("frozen encoder", r["encode"], chip)
+    print_together(r["together"], chip, per_chip)
     sys.stdout.flush()
 
   if not args.no_sample:
     if abstract is None:
-      _, args_, shardings = memory.config_train_step(config, "xla", mesh)
-      abstract = (args_[0], shardings)
+      programs, shardings = memory.config_train_programs(config, mesh)
+      abstract = (programs["step"][1][0], shardings)
     state, shardings = abstract
     s_per_chip = args.sample_per_chip or per_chip
     steps = args.sample_steps or int(config.sample.steps)

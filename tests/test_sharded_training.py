@@ -1,7 +1,8 @@
 """The same train step on different meshes computes the same thing.
 
-Runs on the 8 host devices that conftest.py creates. Three steps from the
-same seed and global batch: data=2 x fsdp=4 (the batch split 8 ways, the
+Runs on the 8 host devices that conftest.py creates, with train.py's two
+programs (the frozen encoder, then the step on its latents, FSDP's weights
+gathered for compute). Three steps from the same seed and global batch: data=2 x fsdp=4 (the batch split 8 ways, the
 gradient reduced over the data axis and reduce-scattered over fsdp) and
 fsdp=8 must match one device, and fsdp=8 must hold about 1/8 of the
 parameters per device where data=8 holds all of them. Pure data=8 training
@@ -9,7 +10,9 @@ is not compiled a fourth time: data=2 x fsdp=4 reduces over a data axis too,
 and train.py's default data=8 runs in tests/test_multiprocess.py.
 """
 
+import collections
 import functools
+import re
 
 import jax
 import numpy as np
@@ -18,6 +21,7 @@ import pytest
 from segldm_jax.models import build
 from segldm_jax.runtime import sharding
 from segldm_jax.training import ldm_step
+from segldm_jax.training import loop
 
 TRAIN = {"base_learning_rate": 1e-4, "batch_size": 8}
 MESHES = {"1 device": [("data", 1)], "data=8": [("data", 8), ("fsdp", 1)],
@@ -67,21 +71,31 @@ def _initial_state():
 
 
 @functools.cache
-def _train(mesh_name):
+def _programs(mesh_name):
+  """train.py's encoder and step for the mesh, jitted as train.py does."""
   ldm, mesh, optimizer, _, shardings = _mesh_and_shardings(mesh_name)
+  encode = loop.jit_encoder(ldm_step.make_encoder(ldm, TRAIN), mesh)
+  step = loop.jit_train_step(
+      ldm_step.make_latent_train_step(
+          ldm, optimizer, TRAIN,
+          gather_weights=sharding.gathered_for_compute(mesh)),
+      mesh, shardings, replicated_args=1)
+  return encode, step
+
+
+@functools.cache
+def _train(mesh_name):
+  _, mesh, _, _, shardings = _mesh_and_shardings(mesh_name)
+  encode, step = _programs(mesh_name)
   rng = jax.random.key(0)
-  repl = sharding.replicated(mesh)
   host_state, host_fs = _initial_state()
   # Fresh device arrays from host values: the step donates its state.
   state = jax.device_put(host_state, shardings)
-  fs = jax.device_put(host_fs, repl)
-  step = jax.jit(ldm_step.make_train_step(ldm, optimizer, TRAIN),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh), repl,
-                               repl),
-                 out_shardings=(shardings, repl), donate_argnums=(0,))
+  fs = jax.device_put(host_fs, sharding.replicated(mesh))
   losses = []
   for batch in _batches():
-    state, metrics = step(state, sharding.global_batch(batch, mesh), fs, rng)
+    batch = loop.encoded(sharding.global_batch(batch, mesh), encode, fs)
+    state, metrics = step(state, batch, rng)
     losses.append(float(metrics["loss"]))
   return losses, jax.device_get(state.params), sharding.per_device_bytes(
       state.params)
@@ -106,3 +120,24 @@ def test_fsdp_holds_an_eighth_of_the_parameters_per_device():
   sharded = _train("fsdp=8")[2]
   assert replicated == single
   assert sharded <= 0.14 * replicated, (sharded, replicated)
+
+
+def test_fsdp_gathers_weights_and_moves_no_activations():
+  """FSDP as designed: whole weights gathered for compute, and no layer
+  computed on channel-split weights (the all-to-alls and
+  collective-permutes that moved activations between devices before
+  `gathered_for_compute`). The gradients come back as all-reduces here;
+  XLA:TPU makes reduce-scatters of them (tests/test_tpu_compile.py)."""
+  state = _initial_state()[0]
+  _, step = _programs("fsdp=8")
+  ldm = _model()
+  key = jax.random.key(0)
+  batch = {"latents": jax.ShapeDtypeStruct(
+               (8, 8, 8, ldm.latent_channels), np.float32),
+           "labels": jax.ShapeDtypeStruct((8, 32, 32), np.uint8)}
+  hlo = step.lower(state, batch, key).compile().as_text()
+  ops = collections.Counter(re.findall(
+      r" (all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)"
+      r"(?:-start)?\(", hlo))
+  assert ops["all-gather"] > 0 and ops["all-reduce"] > 0, ops
+  assert ops["all-to-all"] == 0 and ops["collective-permute"] == 0, ops

@@ -1,4 +1,4 @@
-"""train.py's step compiled for a TPU slice on this CPU (libtpu, no TPU).
+"""train.py's programs compiled for a TPU slice on this CPU (libtpu, no TPU).
 
 Slow tier: one compile of the tiny model for v5e:2x2 takes 1-5 minutes on
 2 cores. It needs libtpu (`pip install -e ".[tpu]"`), which CI does not
@@ -64,7 +64,18 @@ def test_fsdp_step_for_v5e_2x2_holds_a_quarter_of_the_state_per_chip():
   # The donated state is reused for the new one, and it all fits.
   assert r["memory"]["aliased"] > 0
   assert r["memory"]["fits"] and 0 < r["memory"]["peak_on_chip"] < 0.2e9
-  # FSDP gathers the parameters for compute; the program says so.
-  assert r["collectives"]["all-gather"]["bytes"] > 0
+  # FSDP gathers the parameters for compute and reduce-scatters their
+  # gradients; no activation moves between chips.
+  coll = r["collectives"]
+  assert coll["all-gather"]["bytes"] > 0 and coll["reduce-scatter"]["bytes"] > 0
+  assert "all-to-all" not in coll and "collective-permute" not in coll, coll
   assert r["flops"] > 0 and r["bytes_accessed"] > 0
   assert 0.8 < r["flops"] / r["analytic_model_flops"] < 1.3
+  # The frozen encoder is its own program: batch-parallel, no collective,
+  # and a train step as train.py runs it is the two together.
+  enc, both = r["encode"], r["together"]
+  assert not any(isinstance(v, dict) for v in enc["collectives"].values())
+  assert 0.8 < enc["flops"] / enc["analytic_model_flops"] < 1.3
+  assert both["flops"] == r["flops"] + enc["flops"]
+  assert both["peak_on_chip"] == max(r["memory"]["peak_on_chip"],
+                                     enc["memory"]["peak_on_chip"])

@@ -1,10 +1,13 @@
-"""Train state, optimiser, EMA and the LDM train step (one pure function).
+"""Train state, optimiser, EMA and the LDM train step (pure functions).
 
-The step does what `LatentDiffusion.training_step` does: encode the image
-with the frozen first stage (not quantised), condition on the mask through the
-trainable rescaler, noise at a uniform t, predict, l1/l2 loss; then AdamW on
-UNet + rescaler and LitEma's warm-up EMA of the UNet only. The caller jits it
-with shardings (`loop.jit_train_step`); nothing here knows about devices.
+The step does what `LatentDiffusion.training_step` does, in two parts:
+`make_encoder` encodes the image with the frozen first stage (not
+quantised); `make_latent_train_step` conditions on the mask through the
+trainable rescaler, noises at a uniform t, predicts, takes the l1/l2 loss,
+then runs AdamW on UNet + rescaler and LitEma's warm-up EMA of the UNet
+only. `make_train_step` is both as one function. The caller jits them with
+shardings (`loop.jit_train_step`, `loop.jit_encoder`); nothing here knows
+about devices.
 """
 
 import dataclasses
@@ -126,35 +129,59 @@ def _tree_all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformation,
-                    train_cfg: Mapping[str, Any], mask_stages: int = 0
-                    ) -> Callable:
-  """-> step(state, batch, first_stage_params, rng) -> (state, metrics).
+def make_encoder(ldm: LatentDiffusion, train_cfg: Mapping[str, Any]
+                 ) -> Callable:
+  """-> encode(image, first_stage_params) -> latents: the frozen first stage
+  on a batch of uint8 images (B, H, W, 3), in `train.encode_chunks` chunks.
 
-  batch: {"image": uint8 (B, H, W, 3), "labels": uint8 (B, H, W)}, and
-  optionally "pinned": {"t": (B,), "noise": (B, h, w, C) latent-shaped}, the
-  timesteps and noise to use instead of drawing them (a test seam: the
-  trajectory parity test replays the original's draws; without it the
-  program is the one train.py always compiled). With
-  `grad_accum` = k the batch is processed as k interleaved micro-batches
-  (rows i, i+k, ...) so each stays spread over all devices. `mask_stages`
-  area-halvings bring image-size labels to data.mask_size first.
-  `cond_drop_prob` = p replaces each sample's conditioning by zeros with
-  probability p (classifier-free guidance; 0 = the reference);
+  train.py runs it as a program of its own before each step: nothing in
+  it trains, and the step it feeds is then the UNet's and the rescaler's
+  alone. For v5e:2x2 at 16 images per chip the two compile in 9 minutes on
+  2 cores, where the one program had not finished in 50 (BENCHMARKS.md).
+  """
+  chunks = int(train_cfg.get("encode_chunks", 1))
+
+  def encode(image: jax.Array, first_stage_params) -> jax.Array:
+    x = data_device.images_to_model_range(image)
+    # Frozen: no gradient, and its activations are freed as it goes.
+    return jax.lax.stop_gradient(
+        encode_in_chunks(ldm, first_stage_params, x, chunks))
+
+  return encode
+
+
+def make_latent_train_step(ldm: LatentDiffusion,
+                           optimizer: optax.GradientTransformation,
+                           train_cfg: Mapping[str, Any], mask_stages: int = 0,
+                           gather_weights: Callable | None = None
+                           ) -> Callable:
+  """-> step(state, batch, rng) -> (state, metrics), the program train.py
+  runs each step: batch = {"latents": (B, h, w, C) from `make_encoder`,
+  "labels": uint8 (B, H, W)}, and optionally "pinned": {"t": (B,),
+  "noise": (B, h, w, C)}, the timesteps and noise to use instead of drawing
+  them (a test seam: the trajectory parity test replays the original's
+  draws; without it the program is the one train.py always compiled).
+
+  With `grad_accum` = k the batch is processed as k interleaved
+  micro-batches (rows i, i+k, ...) so each stays spread over all devices.
+  `mask_stages` area-halvings bring image-size labels to data.mask_size
+  first. `cond_drop_prob` = p replaces each sample's conditioning by zeros
+  with probability p (classifier-free guidance; 0 = the reference);
   `region_drop_prob` = q marks a random rectangle of each sample's mask
   "don't care" with probability q, so partial masks are in-distribution.
   `remat` (none | block | dots_saveable, see unet.REMAT_POLICIES) trades a
   second UNet forward in the backward pass for the memory of its
-  activations; the parameters and the update are the same. `encode_chunks`
-  = k runs the frozen encoder on k micro-batches in turn (its largest
-  activations, at image resolution, then take 1/k of the memory).
+  activations; the parameters and the update are the same.
+  `gather_weights` (params -> params, from `loop.gather_weights`) places
+  the compute-dtype weights for the forward pass: whole on every device
+  under FSDP (see there); None leaves placement to XLA.
   """
-  parts = _StepParts(ldm, optimizer, train_cfg, mask_stages)
+  parts = _StepParts(ldm, optimizer, train_cfg, mask_stages, gather_weights)
 
-  def step(state: TrainState, batch, first_stage_params, rng):
+  def step(state: TrainState, batch, rng):
     step_key = jax.random.fold_in(rng, state.step)
     k_t, k_noise, k_drop = jax.random.split(step_key, 3)
-    z = parts.latents(batch["image"], first_stage_params)
+    z = batch["latents"]
     t, noise = parts.draw_t_and_noise(batch, z, k_t, k_noise)
     keep, labels = parts.drop_condition(step_key, batch["labels"], z.shape[0])
     loss, loss_parts, grads = parts.accumulate_gradients(
@@ -170,13 +197,36 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
   return step
 
 
+def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformation,
+                    train_cfg: Mapping[str, Any], mask_stages: int = 0
+                    ) -> Callable:
+  """-> step(state, batch, first_stage_params, rng) -> (state, metrics):
+  `make_encoder` and `make_latent_train_step` as one function, on
+  batch = {"image": uint8 (B, H, W, 3), "labels", optionally "pinned"}.
+
+  The reference's `training_step` whole, for tests and benchmarks that
+  take one program; train.py compiles the two parts as two programs. The
+  same operations in the same order either way.
+  """
+  encode = make_encoder(ldm, train_cfg)
+  latent_step = make_latent_train_step(ldm, optimizer, train_cfg, mask_stages)
+
+  def step(state: TrainState, batch, first_stage_params, rng):
+    latents = encode(batch["image"], first_stage_params)
+    rest = {k: v for k, v in batch.items() if k != "image"}
+    return latent_step(state, {**rest, "latents": latents}, rng)
+
+  return step
+
+
 class _StepParts:
   """The train step's parts, each set up once from `train_cfg`; the step
-  (`make_train_step`) calls them in the order written here."""
+  (`make_latent_train_step`) calls them in the order written here."""
 
   def __init__(self, ldm: LatentDiffusion,
                optimizer: optax.GradientTransformation,
-               train_cfg: Mapping[str, Any], mask_stages: int):
+               train_cfg: Mapping[str, Any], mask_stages: int,
+               gather_weights: Callable | None = None):
     self.compute_dtype = jnp.dtype(train_cfg.get("compute_dtype", "float32"))
     remat = train_cfg.get("remat", "none")
     if (remat, self.compute_dtype) != (ldm.unet.remat, jnp.dtype(ldm.unet.dtype)):
@@ -194,11 +244,14 @@ class _StepParts:
     self.skip_nonfinite = train_cfg.get("nonfinite", "stop") == "skip"
     self.cond_drop = float(train_cfg.get("cond_drop_prob", 0.0))
     self.region_drop = float(train_cfg.get("region_drop_prob", 0.0))
-    self.encode_chunks = int(train_cfg.get("encode_chunks", 1))
+    self.gather = gather_weights or (lambda params: params)
     self.grad_fn = jax.value_and_grad(self.loss, has_aux=True)
 
   def loss(self, params, z, labels, t, noise, keep, dropout_key):
     """The LDM's loss of one (micro-)batch -> (loss, its parts)."""
+    params = {"cond_stage": self.gather(params["cond_stage"]),
+              "unet": self.gather(
+                  _cast_after(z, params["unet"], self.compute_dtype))}
     c = self.ldm.condition(params["cond_stage"], labels, self.mask_stages)
     if self.cond_drop > 0:
       # Classifier-free guidance: a dropped sample sees the all-zero
@@ -206,8 +259,7 @@ class _StepParts:
       # has no bias), so "unconditional" and "don't care" are one input.
       c = c * keep[:, None, None, None]
     x_t = objective.q_sample(self.schedule, z, t, noise)
-    unet_params = _cast_after(z, params["unet"], self.compute_dtype)
-    out = self.ldm.denoise(unet_params, x_t.astype(self.compute_dtype), t,
+    out = self.ldm.denoise(params["unet"], x_t.astype(self.compute_dtype), t,
                            c.astype(self.compute_dtype), train=True,
                            rngs={"dropout": dropout_key})
     settings = self.ldm.settings
@@ -218,15 +270,6 @@ class _StepParts:
         original_elbo_weight=settings["original_elbo_weight"])
     parts = {k: v for k, v in parts.items() if k != "loss_simple_per_sample"}
     return loss, parts
-
-  def latents(self, image: jax.Array, first_stage_params) -> jax.Array:
-    """uint8 images -> latents of the frozen first stage: no gradient, and
-    it trains nothing; its activations are freed as it goes (nothing
-    differentiates through it)."""
-    image = data_device.images_to_model_range(image)
-    return jax.lax.stop_gradient(
-        encode_in_chunks(self.ldm, first_stage_params, image,
-                         self.encode_chunks))
 
   def draw_t_and_noise(self, batch, z: jax.Array, k_t: jax.Array,
                        k_noise: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -42,6 +42,38 @@ def jit_train_step(step: Callable, mesh, state_shardings, replicated_args: int =
       donate_argnums=(0,))
 
 
+def jit_encoder(encode: Callable, mesh) -> Callable:
+  """`encode(image, first_stage_params) -> latents` (ldm_step.make_encoder)
+  jitted as its own program: images and latents split over the mesh's batch
+  axes, the frozen first stage replicated."""
+  rows = sharding.batch_sharding(mesh)
+  return jax.jit(encode, in_shardings=(rows, sharding.replicated(mesh)),
+                 out_shardings=rows)
+
+
+def encoded(batch: Mapping[str, Any], encode: Callable, first_stage_params
+            ) -> dict[str, Any]:
+  """A train batch with its images replaced by their latents (`encode`,
+  from `jit_encoder`): what the step (ldm_step.make_latent_train_step)
+  takes."""
+  rest = {k: v for k, v in batch.items() if k != "image"}
+  return {**rest, "latents": encode(batch["image"], first_stage_params)}
+
+
+def compile_ldm_programs(encode: Callable, step: Callable, state, batch,
+                         first_stage_params, rng) -> tuple[Callable, Callable]:
+  """The encoder and the step compiled by every process before the first
+  collective runs (distributed.compile_for_all); one process: as given."""
+  latents = encoded(batch, lambda *a: jax.eval_shape(encode, *a),
+                    first_stage_params)
+  encode = distributed.compile_for_all(encode, batch["image"],
+                                       first_stage_params,
+                                       name="encoder_compiled")
+  step = distributed.compile_for_all(step, state, latents, rng,
+                                     name="train_step_compiled")
+  return encode, step
+
+
 def train_batches(config, source, start: startup.Start, mesh):
   """-> (global batches from the run's step on, the first of them, the
   skip-mode bad-record log)."""
