@@ -169,12 +169,19 @@ def load_config(spec: str, overrides=()):
   return config
 
 
-def strategy_settings(strategy: str):
-  """--strategy -> (mesh, rules), or None to keep the config's."""
+def strategy_settings(strategy: str, chips: int = 1):
+  """--strategy -> (mesh, rules), or None to keep the config's. "fsdp2d"
+  splits the chips over two FSDP axes, "fsdp_transpose" the largest power
+  of two up to sqrt(chips) (see sharding.FSDP_AXES)."""
   from segldm_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  inner = 1
+  while (2 * inner) ** 2 <= chips and chips % (2 * inner) == 0:
+    inner *= 2
   return {"config": None,
           "dp": ((("data", -1), ("fsdp", 1)), sharding.DATA_PARALLEL),
-          "fsdp": ((("data", 1), ("fsdp", -1)), sharding.FSDP)}[strategy]
+          "fsdp": ((("data", 1), ("fsdp", -1)), sharding.FSDP),
+          "fsdp2d": ((("data", 1), ("fsdp", -1), ("fsdp_transpose", inner)),
+                     sharding.FSDP)}[strategy]
 
 
 def batch_shards(mesh) -> int:
@@ -473,6 +480,14 @@ def print_program(name: str, r: dict, chip: Chip, state=None) -> None:
           f"stage {_gb(state['first_stage'])} GB (the encoder reads "
           f"{_gb(state['first_stage_read'])}); batch (latents, labels) "
           f"{_gb(state['batch'])} GB")
+    if "state_per_chip" in state:
+      print(f"  state/chip   {_gb(state['state_per_chip'])} GB = "
+            f"{state['state_per_chip'] / state['state_even_split']:.2f} x "
+            f"an even split ({_gb(state['state_even_split'])} GB); "
+            f"{state['replicated_leaves']} leaves whole on every chip, "
+            f"{state['replicated_bytes'] / 1e6:.2f} MB (largest: "
+            + ", ".join(f"{n} {tuple(sh)}" for n, sh, _ in
+                        state["replicated_largest"][:2]) + ")")
   peak = m.get("peak_on_chip", m["peak"])
   print(f"  memory       arguments {_gb(m['arguments'])} GB + outputs "
         f"{_gb(m['outputs'])} GB - aliased {_gb(m['aliased'])} GB + "
@@ -534,6 +549,7 @@ def train_once(config, mesh, chip, chips, per_chip, remat, hlo_dir=""):
            "first_stage": shard_bytes(fs_params, repl),
            "batch": shard_bytes(data, rows),
            "state_total": memory.nbytes(state)}
+  split.update(replicated_state(state, shardings, chips))
   enc, enc_compiled = analyse(f"encode_b{per_chip}", encode,
                               (image, fs_params), chip, per_chip, chips,
                               hlo_dir)
@@ -562,6 +578,28 @@ def train_once(config, mesh, chip, chips, per_chip, remat, hlo_dir=""):
   r["encode"] = enc
   r["together"] = together(r, enc, chip, per_chip)
   return r, {"state": state, "shardings": shardings, "compiled": compiled}
+
+
+def replicated_state(state, shardings, chips: int, top: int = 4) -> dict:
+  """The state a chip holds against an even split (total / chips), and the
+  leaves left whole on every chip (too small, or no dim divides)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from segldm_jax import formatting  # pylint: disable=g-import-not-at-top
+  specs = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(
+      s, jax.sharding.Sharding))
+  whole = [(formatting.path_str(path), list(x.shape),
+            x.size * x.dtype.itemsize)
+           for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(state),
+                                   specs)
+           if s.is_fully_replicated and x.ndim]
+  whole.sort(key=lambda w: -w[2])
+  per_chip = shard_bytes(state, shardings)
+  total = memory.nbytes(state)
+  return {"state_per_chip": per_chip,
+          "state_even_split": total / chips,
+          "replicated_leaves": len(whole),
+          "replicated_bytes": sum(w[2] for w in whole),
+          "replicated_largest": whole[:top]}
 
 
 def together(step: dict, enc: dict, chip: Chip, per_chip: int) -> dict:
@@ -656,10 +694,11 @@ def main(argv=None) -> int:
                   help="config override, as --config.KEY=VALUE (repeatable)")
   ap.add_argument("--topology", default="v5e:2x2",
                   help="the slice: v5e:2x2, v5e:16x16, v5p:2x2x1, v6e:4x4...")
-  ap.add_argument("--strategy", choices=("config", "dp", "fsdp"),
+  ap.add_argument("--strategy", choices=("config", "dp", "fsdp", "fsdp2d"),
                   default="config",
-                  help="dp / fsdp: replace config.mesh and "
-                  "config.sharding_strategy by all-data or all-FSDP")
+                  help="dp / fsdp / fsdp2d: replace config.mesh and "
+                  "config.sharding_strategy by all-data, all-FSDP, or "
+                  "all-FSDP over two axes (for 256 chips: 16 x 16)")
   size = ap.add_mutually_exclusive_group()
   size.add_argument("--batch", type=int, default=0,
                     help="global batch (default: train.batch_size)")
@@ -700,7 +739,7 @@ def main(argv=None) -> int:
   from segldm_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
 
   config = load_config(args.config, args.set)
-  override = strategy_settings(args.strategy)
+  override = strategy_settings(args.strategy, len(devices))
   with config.unlocked():
     if override:
       config.mesh, config.sharding_strategy = override

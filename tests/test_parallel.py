@@ -150,6 +150,22 @@ def test_fsdp_shards_largest_divisible_dim():
   assert _spec((182, 3), mesh8) == P()
 
 
+def test_two_fsdp_axes_split_two_dims_where_one_would_not_divide():
+  # 8 devices as fsdp 4 x fsdp_transpose 2, standing for 256 as 16 x 16:
+  # a dim both divide takes both; otherwise each takes a dim of its own.
+  mesh = sharding.make_mesh([("data", 1), ("fsdp", 4), ("fsdp_transpose", 2)])
+  assert sharding.batch_axes(mesh) == ("data", "fsdp", "fsdp_transpose")
+  assert _spec((3, 3, 128, 256), mesh) == P(
+      None, None, None, ("fsdp", "fsdp_transpose"))
+  assert _spec((3, 3, 12, 6), mesh) == P(None, None, "fsdp", "fsdp_transpose")
+  assert _spec((3, 3, 6, 12), mesh) == P(None, None, "fsdp_transpose", "fsdp")
+  assert _spec((3, 3, 4, 3), mesh) == P()  # only one dim either divides
+  # The state a device holds is an eighth either way.
+  tree = {"w": jax.ShapeDtypeStruct((3, 3, 12, 6), jnp.float32)}
+  out = sharding.shardings_from_rules(tree, mesh, sharding.FSDP, min_size=0)
+  assert out["w"].shard_shape((3, 3, 12, 6)) == (3, 3, 3, 3)
+
+
 def test_fsdp_small_and_scalar_leaves_replicate():
   mesh = sharding.make_mesh([("fsdp", 8)])
   assert _spec((128, 128), mesh, min_size=2**14) == P(None, "fsdp")

@@ -24,11 +24,14 @@ import numpy as np
 from segldm_jax import formatting
 
 # Mesh axes the batch is split over, in this order (whichever exist). FSDP
-# devices also take distinct examples: parameters are sharded over "fsdp" but
-# gathered for compute (`gathered_for_compute`), so every device does
-# data-parallel work.
-BATCH_AXES = ("data", "fsdp")
-FSDP_AXIS = "fsdp"
+# devices also take distinct examples: parameters are sharded over the FSDP
+# axes but gathered for compute (`gathered_for_compute`), so every device
+# does data-parallel work.
+BATCH_AXES = ("data", "fsdp", "fsdp_transpose")
+# FSDP's axes. One is enough while some dim of each weight divides by its
+# size; past that (256 chips: a (3, 3, 640, 128) kernel has no dim that 256
+# divides) a second axis splits a second dim, as MaxText's fsdp_transpose.
+FSDP_AXES = ("fsdp", "fsdp_transpose")
 STRATEGIES = ("replicate", "fsdp")
 
 # Default rule sets, for configs to reference by name.
@@ -145,24 +148,45 @@ def _compile_rules(rules: Rules) -> list[tuple[re.Pattern, str]]:
   return compiled
 
 
-def fsdp_spec(shape: Sequence[int], axis_size: int, min_size: int) -> P:
-  """Shards the largest dim divisible by `axis_size` (ties: the last one).
+def fsdp_spec(shape: Sequence[int], axis_sizes: Mapping[str, int] | int,
+              min_size: int) -> P:
+  """Shards a leaf over the FSDP axes: `axis_sizes` {axis: size} (an int:
+  the "fsdp" axis alone).
 
-  Leaves with fewer than `min_size` elements, or with no divisible dim,
-  replicate: splitting them saves little memory and costs a collective each.
-  Non-divisible dims are never padded or split unevenly.
+  The largest dim divisible by all of them together takes them all (ties:
+  the last one); failing that, the first axis takes the largest dim it
+  divides and the second the largest other dim it divides. Leaves with
+  fewer than `min_size` elements, or with no such dims, replicate: splitting
+  them saves little memory and costs a collective each. Dims are never
+  padded or split unevenly.
   """
-  if axis_size <= 1 or math.prod(shape) < min_size:
+  if isinstance(axis_sizes, int):
+    axis_sizes = {FSDP_AXES[0]: axis_sizes}
+  axes = [(a, n) for a, n in axis_sizes.items() if n > 1]
+  total = math.prod(n for _, n in axes)
+  if total <= 1 or math.prod(shape) < min_size:
     return P()
-  best = None
-  for i, d in enumerate(shape):
-    if d % axis_size == 0 and (best is None or d >= shape[best]):
-      best = i
-  if best is None:
-    return P()
+
+  def largest(size: int, skip: int = -1) -> int | None:
+    best = None
+    for i, d in enumerate(shape):
+      if i != skip and d % size == 0 and (best is None or d >= shape[best]):
+        best = i
+    return best
+
   spec = [None] * len(shape)
-  spec[best] = FSDP_AXIS
-  return P(*spec)
+  whole = largest(total)
+  if whole is not None:
+    spec[whole] = axes[0][0] if len(axes) == 1 else tuple(a for a, _ in axes)
+    return P(*spec)
+  if len(axes) == 2:
+    (a, n_a), (b, n_b) = axes
+    i = largest(n_a)
+    j = None if i is None else largest(n_b, skip=i)
+    if j is not None:
+      spec[i], spec[j] = a, b
+      return P(*spec)
+  return P()
 
 
 def shardings_from_rules(abstract_tree: Any, mesh: Mesh, rules: Rules, *,
@@ -171,16 +195,17 @@ def shardings_from_rules(abstract_tree: Any, mesh: Mesh, rules: Rules, *,
 
   `rules` are `(regex, strategy)` pairs, tried in order with `re.search`
   against each leaf's '/'-joined path; the first match wins and unmatched
-  leaves replicate. Strategies: "replicate"; "fsdp" (see `fsdp_spec`; a mesh
-  without an "fsdp" axis, or with size 1, replicates). Leaves may be arrays,
-  `ShapeDtypeStruct`s or Python scalars.
+  leaves replicate. Strategies: "replicate"; "fsdp" (see `fsdp_spec`: over
+  the mesh's "fsdp" and "fsdp_transpose" axes; without them, or with size 1,
+  it replicates). Leaves may be arrays, `ShapeDtypeStruct`s or Python
+  scalars.
 
   Raises:
     ValueError: a rule names an unknown strategy or has a bad regex (checked
       up front, even if the rule matches nothing).
   """
   compiled = _compile_rules(rules)  # Fail fast on a bad config.
-  axis_size = mesh.shape.get(FSDP_AXIS, 1)
+  fsdp_sizes = {a: mesh.shape[a] for a in FSDP_AXES if a in mesh.shape}
 
   def one(path, leaf) -> NamedSharding:
     shape = tuple(np.shape(leaf))
@@ -189,7 +214,7 @@ def shardings_from_rules(abstract_tree: Any, mesh: Mesh, rules: Rules, *,
     name = formatting.path_str(path)
     strategy = next((s for p, s in compiled if p.search(name)), "replicate")
     if strategy == "fsdp":
-      return NamedSharding(mesh, fsdp_spec(shape, axis_size, min_size))
+      return NamedSharding(mesh, fsdp_spec(shape, fsdp_sizes, min_size))
     return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(one, abstract_tree)
