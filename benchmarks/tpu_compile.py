@@ -638,9 +638,13 @@ def print_together(t: dict, chip: Chip, per_chip: int) -> None:
 
 
 def find_max_batch(config, mesh, chip, chips, remat, start: int, limit: int,
-                   log) -> dict:
-  """Largest per-chip batch (<= limit) whose peak fits the chip's HBM."""
+                   log, multiple: int = 1) -> dict:
+  """Largest per-chip batch (<= limit, a multiple of `multiple`) whose peak
+  fits the chip's HBM. Each try is a compile of both programs, so sizes are
+  guessed from the memory per image of the last two; `multiple` > 1 ends
+  the search sooner (within that many images of the largest)."""
   peaks = {}
+  m = max(1, multiple)
 
   def peak(b):
     if b not in peaks:
@@ -651,10 +655,10 @@ def find_max_batch(config, mesh, chip, chips, remat, start: int, limit: int,
           f"compiled in {r['together']['compile_s']:.0f} s)")
     return peaks[b]
 
-  lo = max(1, start)
+  lo = max(m, start // m * m)
   if peak(lo) > chip.hbm_bytes:
-    while lo > 1 and peak(lo) > chip.hbm_bytes:
-      lo //= 2
+    while lo > m and peak(lo) > chip.hbm_bytes:
+      lo = max(m, lo // 2 // m * m)
     if peak(lo) > chip.hbm_bytes:
       return {"max_per_chip": 0, "peaks": peaks}
   hi = None  # smallest size known not to fit
@@ -663,22 +667,22 @@ def find_max_batch(config, mesh, chip, chips, remat, start: int, limit: int,
     best = max(fits)
     bigger = [b for b in peaks if b > best]
     hi = min(bigger) if bigger else None
-    if hi == best + 1 or best >= limit:
+    if (hi is not None and hi - best <= m) or best + m > limit:
       break
     # Linear in the batch: two sizes give the memory per image.
     pts = sorted(peaks)
     if len(pts) == 1:
-      guess = min(2 * best, limit)
+      guess = 2 * best
     else:
       a, b = (pts[-2], pts[-1]) if hi is None else (best, hi)
       per_image = max((peaks[b] - peaks[a]) / (b - a), 1.0)
       guess = best + int((chip.hbm_bytes - peaks[best]) // per_image)
+    guess = min(guess // m * m, limit // m * m)
     if hi is not None:
-      guess = min(guess, hi - 1)
-    guess = max(best + 1, min(guess, limit))
-    peak(guess)
-  return {"max_per_chip": min(best, limit),
-          "at_limit": best >= limit and (hi is None),
+      guess = min(guess, hi - m)
+    peak(max(best + m, guess))
+  return {"max_per_chip": best, "multiple": m,
+          "at_limit": best + m > limit and hi is None,
           "peaks": {str(b): p for b, p in sorted(peaks.items())}}
 
 
@@ -727,6 +731,9 @@ def main(argv=None) -> int:
   ap.add_argument("--max_batch", action="store_true",
                   help="find the largest per-chip batch that fits, per "
                   "remat policy")
+  ap.add_argument("--max_batch_multiple", type=int, default=1,
+                  help="--max_batch tries multiples of this (e.g. 8: fewer "
+                  "compiles, the answer within 8 images)")
   ap.add_argument("--max_batch_limit", type=int, default=64,
                   help="largest per-chip batch --max_batch tries")
   ap.add_argument("--hlo_dir", default="",
@@ -825,10 +832,13 @@ def main(argv=None) -> int:
     for remat in remats:
       found = find_max_batch(config, mesh, chip, chips, remat, per_chip,
                              args.max_batch_limit,
-                             lambda s: print(s, flush=True))
+                             lambda s: print(s, flush=True),
+                             multiple=args.max_batch_multiple)
       results["max_batch"][remat] = found
       print(f"  remat {remat}: {found['max_per_chip']}/chip"
-            + (" (the limit; more may fit)" if found.get("at_limit") else ""),
+            + (" (the limit; more may fit)" if found.get("at_limit") else "")
+            + (f" (within {found['multiple']})"
+               if found["multiple"] > 1 and found["max_per_chip"] else ""),
             flush=True)
 
   if args.json:
