@@ -838,7 +838,8 @@ def main(argv=None) -> int:
       print(f"  remat {remat}: {found['max_per_chip']}/chip"
             + (" (the limit; more may fit)" if found.get("at_limit") else "")
             + (f" (within {found['multiple']})"
-               if found["multiple"] > 1 and found["max_per_chip"] else ""),
+               if found["multiple"] > 1 and found["max_per_chip"]
+               and not found.get("at_limit") else ""),
             flush=True)
 
   if args.json:
