@@ -5,8 +5,8 @@ tests/test_old_workdirs.py loads these files with today's code.
 Run it with the OLD code, from a checkout of 01cfa7b (it refuses anything
 else), with any Python that has the requirements installed:
 
-  git worktree add --detach /tmp/old 01cfa7b
-  cd /tmp/old && python /path/to/repo/tests/data/old_layout/make.py
+  git worktree add --detach ../old 01cfa7b       # from the repository root
+  cd ../old && python "$OLDPWD/tests/data/old_layout/make.py"
 
 It writes, beside this file (or --out):
   trained/    train.py's workdir after 20 steps of tiny_config.py (the tiny
