@@ -548,8 +548,10 @@ def train_once(config, mesh, chip, chips, per_chip, remat, hlo_dir=""):
            "ema": shard_bytes(state.ema, shardings.ema),
            "first_stage": shard_bytes(fs_params, repl),
            "batch": shard_bytes(data, rows),
-           "state_total": memory.nbytes(state)}
-  split.update(replicated_state(state, shardings, chips))
+           "state_total": memory.nbytes(state),
+           "state_per_chip": shard_bytes(state, shardings)}
+  split["state_even_split"] = split["state_total"] / chips
+  split.update(whole_leaves(state, shardings))
   enc, enc_compiled = analyse(f"encode_b{per_chip}", encode,
                               (image, fs_params), chip, per_chip, chips,
                               hlo_dir)
@@ -580,9 +582,9 @@ def train_once(config, mesh, chip, chips, per_chip, remat, hlo_dir=""):
   return r, {"state": state, "shardings": shardings, "compiled": compiled}
 
 
-def replicated_state(state, shardings, chips: int, top: int = 4) -> dict:
-  """The state a chip holds against an even split (total / chips), and the
-  leaves left whole on every chip (too small, or no dim divides)."""
+def whole_leaves(state, shardings, top: int = 4) -> dict:
+  """The state's leaves left whole on every chip (too small, or no dim
+  divides): how many, their bytes, the largest."""
   import jax  # pylint: disable=g-import-not-at-top
   from segldm_jax import formatting  # pylint: disable=g-import-not-at-top
   specs = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(
@@ -593,11 +595,7 @@ def replicated_state(state, shardings, chips: int, top: int = 4) -> dict:
                                    specs)
            if s.is_fully_replicated and x.ndim]
   whole.sort(key=lambda w: -w[2])
-  per_chip = shard_bytes(state, shardings)
-  total = memory.nbytes(state)
-  return {"state_per_chip": per_chip,
-          "state_even_split": total / chips,
-          "replicated_leaves": len(whole),
+  return {"replicated_leaves": len(whole),
           "replicated_bytes": sum(w[2] for w in whole),
           "replicated_largest": whole[:top]}
 

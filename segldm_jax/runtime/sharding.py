@@ -122,9 +122,10 @@ def gathered_for_compute(mesh: Mesh):
   they are stored, split over "fsdp", and moves activations between devices
   instead: the reference step on v5e:2x2 sent 1.1 GB per step through 340
   collective-permutes and 63 all-to-alls, moved 50% more bytes and took 27%
-  longer to compile (BENCHMARKS.md). Applied to the compute-dtype copy of the weights, so the
-  all-gathers carry bf16 in a bf16 step; the gradients come back through
-  reduce-scatters. A mesh without a split "fsdp" axis changes nothing.
+  longer to compile (BENCHMARKS.md). Applied to the compute-dtype copy of
+  the weights, so the all-gathers carry bf16 in a bf16 step; the gradients
+  come back through reduce-scatters. A mesh without a split FSDP axis
+  changes nothing.
   """
   whole = replicated(mesh)
   return lambda params: jax.lax.with_sharding_constraint(params, whole)
@@ -148,10 +149,9 @@ def _compile_rules(rules: Rules) -> list[tuple[re.Pattern, str]]:
   return compiled
 
 
-def fsdp_spec(shape: Sequence[int], axis_sizes: Mapping[str, int] | int,
+def fsdp_spec(shape: Sequence[int], axis_sizes: Mapping[str, int],
               min_size: int) -> P:
-  """Shards a leaf over the FSDP axes: `axis_sizes` {axis: size} (an int:
-  the "fsdp" axis alone).
+  """Shards a leaf over the FSDP axes, `axis_sizes` {axis: size}.
 
   The largest dim divisible by all of them together takes them all (ties:
   the last one); failing that, the first axis takes the largest dim it
@@ -160,8 +160,6 @@ def fsdp_spec(shape: Sequence[int], axis_sizes: Mapping[str, int] | int,
   them saves little memory and costs a collective each. Dims are never
   padded or split unevenly.
   """
-  if isinstance(axis_sizes, int):
-    axis_sizes = {FSDP_AXES[0]: axis_sizes}
   axes = [(a, n) for a, n in axis_sizes.items() if n > 1]
   total = math.prod(n for _, n in axes)
   if total <= 1 or math.prod(shape) < min_size:

@@ -213,10 +213,16 @@ def make_train_step(ldm: LatentDiffusion, optimizer: optax.GradientTransformatio
 
   def step(state: TrainState, batch, first_stage_params, rng):
     latents = encode(batch["image"], first_stage_params)
-    rest = {k: v for k, v in batch.items() if k != "image"}
-    return latent_step(state, {**rest, "latents": latents}, rng)
+    return latent_step(state, with_latents(batch, latents), rng)
 
   return step
+
+
+def with_latents(batch: Mapping[str, Any], latents) -> dict[str, Any]:
+  """A train batch with its images replaced by their latents: what the
+  latent step takes."""
+  return {**{k: v for k, v in batch.items() if k != "image"},
+          "latents": latents}
 
 
 class _StepParts:

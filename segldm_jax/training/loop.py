@@ -23,6 +23,7 @@ from segldm_jax.data import check as data_check
 from segldm_jax.data import pipeline
 from segldm_jax.runtime import distributed
 from segldm_jax.runtime import sharding
+from segldm_jax.training import ldm_step
 from segldm_jax.training import metrics as metrics_lib
 from segldm_jax.training import startup
 
@@ -53,11 +54,10 @@ def jit_encoder(encode: Callable, mesh) -> Callable:
 
 def encoded(batch: Mapping[str, Any], encode: Callable, first_stage_params
             ) -> dict[str, Any]:
-  """A train batch with its images replaced by their latents (`encode`,
-  from `jit_encoder`): what the step (ldm_step.make_latent_train_step)
-  takes."""
-  rest = {k: v for k, v in batch.items() if k != "image"}
-  return {**rest, "latents": encode(batch["image"], first_stage_params)}
+  """`batch` with its images encoded by `encode` (from `jit_encoder`):
+  what the step (ldm_step.make_latent_train_step) takes."""
+  return ldm_step.with_latents(batch,
+                               encode(batch["image"], first_stage_params))
 
 
 def compile_ldm_programs(encode: Callable, step: Callable, state, batch,
