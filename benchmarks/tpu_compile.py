@@ -738,6 +738,8 @@ def main(argv=None) -> int:
                   help="also write each compiled program's HLO text here")
   ap.add_argument("--json", default="", help="also write the results here")
   args = ap.parse_args(argv)
+  if args.max_batch_multiple < 1:
+    ap.error(f"--max_batch_multiple={args.max_batch_multiple}: use 1 or more")
 
   devices, chip = slice_devices(args.topology)
   import jax  # pylint: disable=g-import-not-at-top
